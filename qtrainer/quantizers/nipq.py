@@ -1,0 +1,187 @@
+"""NIPQ: Noise proxy-based Integrated Pseudo-Quantization (Shin et al., CVPR 2023).
+
+ALGORITHMS.md section 2, from the official code. Per quantizer, two scalar parameters:
+``alpha = softplus(theta_a)`` (truncation boundary) and the continuous bit-width
+``b_c = b_min + (b_max - b_min) * sigmoid(theta_b)``. Levels: signed ``n = 2^(b-1) - 1``
+(codes ``-n..n``), unsigned ``n = 2^b - 1`` (codes ``0..n``); step ``delta = alpha / n``.
+
+- Noise phase (training): ``y = alpha`` above, ``lo`` below (``-alpha`` or 0), else
+  ``v + z * delta`` with ``z`` detached; ``b = round(b_c + u)`` (one ``u ~ U(-1/2, 1/2)`` per
+  step) with a straight-through gradient to ``b_c``. ``z`` is uniform on ``[-1/2, 1/2)`` or drawn
+  from the histogram of this tensor's real rounding error (``noise="histogram"``, official).
+- Hard quantization (eval, phase 2): ``Q(v) = delta * round(n * clip(v/alpha, lo/alpha, 1))``
+  with STE and ``n`` from the detached, rounded bit-width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Quantizer, check_bits, check_choice, round_ste
+
+NOISES = ("histogram", "uniform")
+WEIGHT_INITS = ("max_abs", "official")
+ROLES = ("weight", "input")
+HIST_BINS = 256
+
+
+def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
+    """``x`` such that ``softplus(x) == y`` for ``y > 0`` (stable for large ``y``)."""
+    return y + torch.log(-torch.expm1(-y))
+
+
+def nipq_levels(bits, signed: bool):
+    """``n``: the largest code at ``bits`` (int or tensor)."""
+    return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+
+
+class NIPQQuantizer(Quantizer):
+    """NIPQ pseudo-quantizer for one weight tensor or activation site.
+
+    Args:
+        bits: fixed bit-width, or the initial bit-width when ``learn_bits``.
+        signed: signed (``lo = -alpha``) or unsigned (``lo = 0``) data.
+        learn_bits: learn ``theta_b`` (mixed precision) instead of freezing it.
+        b_min, b_max: range of the continuous bit-width (official 2 and 14).
+        noise: ``histogram`` (official) or ``uniform``.
+        role: ``weight`` (``alpha0`` from the tensor) or ``input`` (``theta_a = 6`` unsigned,
+            ``3`` signed, the official constants).
+        weight_init: ``max_abs`` (``alpha0 = max|W|`` exactly) or ``official``
+            (``theta_a = max(W)``, so ``alpha0 = softplus(max W)``).
+    """
+
+    def __init__(self, bits: int = 4, signed: bool = True, learn_bits: bool = False,
+                 b_min: int = 2, b_max: int = 14, noise: str = "histogram", role: str = "input",
+                 weight_init: str = "max_abs"):
+        super().__init__(signed)
+        check_bits("b_min", b_min)
+        check_bits("b_max", b_max)
+        if b_min >= b_max:
+            raise ValueError(f"b_min={b_min} must be smaller than b_max={b_max}")
+        check_bits("bits", bits)
+        if learn_bits and not b_min < bits < b_max:
+            raise ValueError(f"bits={bits} must lie strictly inside b_min..b_max = {b_min}..{b_max} "
+                             "when learn_bits=True")
+        if not learn_bits and not b_min <= bits <= b_max:
+            raise ValueError(f"bits={bits} must lie in b_min..b_max = {b_min}..{b_max}")
+        self.noise = check_choice("noise", noise, NOISES)
+        self.role = check_choice("role", role, ROLES)
+        self.weight_init = check_choice("weight_init", weight_init, WEIGHT_INITS)
+        self.b_min, self.b_max = b_min, b_max
+        self.generator: torch.Generator | None = None
+        p = min(max((bits - b_min) / (b_max - b_min), 1e-6), 1 - 1e-6)
+        self.theta_b = nn.Parameter(torch.tensor([math.log(p / (1 - p))]), requires_grad=learn_bits)
+        self.theta_a = nn.Parameter(torch.tensor([3.0 if signed else 6.0]))
+        # 0 while bits are learned, else the frozen integer bit-width.
+        self.register_buffer("fixed_bits", torch.tensor(0 if learn_bits else bits))
+        self._fixed = 0 if learn_bits else bits
+
+    # -- bit-width -------------------------------------------------------------------------
+    @property
+    def learn_bits(self) -> bool:
+        return self._fixed == 0
+
+    def continuous_bits(self) -> torch.Tensor:
+        """``b_c`` (shape ``[1]``, differentiable w.r.t. ``theta_b``)."""
+        return self.b_min + (self.b_max - self.b_min) * torch.sigmoid(self.theta_b.float())
+
+    def bits_ste(self) -> torch.Tensor:
+        """``round(b_c)`` with a straight-through gradient (the resource loss's bit-width)."""
+        if not self.learn_bits:
+            return torch.full((1,), float(self._fixed), device=self.theta_b.device)
+        return round_ste(self.continuous_bits())
+
+    @property
+    def bits(self) -> int:
+        if not self.learn_bits:
+            return self._fixed
+        return int(torch.round(self.continuous_bits().detach()).item())
+
+    def freeze_bits(self) -> int:
+        """Fix the bit-width at ``round(b_c)`` for the rest of training; returns it."""
+        b = self.bits
+        self._fixed = b
+        self.fixed_bits.fill_(b)
+        self.theta_b.requires_grad_(False)
+        return b
+
+    # -- levels ----------------------------------------------------------------------------
+    @property
+    def alpha(self) -> torch.Tensor:
+        return F.softplus(self.theta_a.float())
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        n = nipq_levels(self.bits, self.signed)
+        return (-n if self.signed else 0), n
+
+    @property
+    def step_size(self) -> torch.Tensor:
+        return (self.alpha / nipq_levels(self.bits, self.signed)).detach()
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        if self.role == "weight":
+            x = x.detach().float()
+            if self.weight_init == "max_abs":
+                self.theta_a.copy_(inverse_softplus(x.abs().max().clamp(min=1e-6)).reshape(1))
+            else:
+                self.theta_a.fill_(float(x.max()))
+        self._mark_initialized()
+
+    # -- forward ---------------------------------------------------------------------------
+    def _noise_bits(self) -> torch.Tensor:
+        """Training bit-width: ``round(b_c + u)`` with STE, or the fixed bits."""
+        if not self.learn_bits:
+            return torch.full((1,), float(self._fixed), device=self.theta_b.device)
+        u = torch.rand(1, generator=self.generator, device=self.theta_b.device) - 0.5
+        return round_ste(self.continuous_bits() + u)
+
+    def _sample_z(self, x: torch.Tensor, alpha: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Noise in units of ``delta``, shaped like ``x``, in ``[-1/2, 1/2)`` (detached)."""
+        u = torch.rand(x.shape, generator=self.generator, device=x.device)
+        if self.noise == "uniform":
+            return u - 0.5
+        with torch.no_grad():
+            lo = -alpha if self.signed else torch.zeros_like(alpha)
+            inner = x[(x > lo) & (x < alpha)] / delta
+            err = torch.round(inner) - inner
+            hist = torch.histc(err, bins=HIST_BINS, min=-0.5, max=0.5)
+            if hist.sum() <= 0:
+                return u - 0.5
+            idx = torch.multinomial(hist, x.numel(), replacement=True, generator=self.generator)
+            return ((idx.view(x.shape) + u) / HIST_BINS - 0.5)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.noisy:
+            alpha = self.alpha
+            delta = alpha / nipq_levels(self._noise_bits(), self.signed)
+            z = self._sample_z(x.detach(), alpha.detach(), delta.detach())
+            inner = x + z * delta
+            lo = -alpha if self.signed else torch.zeros_like(alpha)
+            return torch.where(x >= alpha, alpha, torch.where(x <= lo, lo, inner))
+        codes, scale = self._hard(x)
+        return codes * scale
+
+    def _hard(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes (STE round, differentiable w.r.t. ``x`` and ``alpha``) and ``delta``."""
+        n = nipq_levels(self.bits, self.signed)
+        alpha = self.alpha
+        ratio = torch.clamp(x / alpha, -1.0 if self.signed else 0.0, 1.0)
+        return round_ste(n * ratio), alpha / n
+
+    @torch.no_grad()
+    def int_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._hard(x.float())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._fixed = int(self.fixed_bits)
+        self.theta_b.requires_grad_(self._fixed == 0)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, learn_bits={self.learn_bits}, noise={self.noise}"
