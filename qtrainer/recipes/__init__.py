@@ -1,0 +1,69 @@
+"""QAT recipes: typed, validated descriptions of how to quantize and train a model.
+
+A recipe is YAML (or a dict) validated into a frozen :class:`Recipe`; see ``schema.py`` for
+every field, its default and its unit, and ``registry.py`` for where named recipes come from.
+
+    from qtrainer.recipes import load_recipe
+    recipe = load_recipe("lsq-4bit", overrides={"bits.weight": 3})
+    quantize_model(model, **recipe.surgery_kwargs())
+
+Nothing here imports torch.
+"""
+
+from .errors import RecipeError
+from .io import apply_overrides, dump_recipe, parse_overrides
+from .registry import (
+    ENTRY_POINT_GROUP,
+    RECIPE_PATH_ENV,
+    RecipeInfo,
+    get_recipe,
+    list_recipes,
+    load_recipe,
+    register_recipe,
+    unregister_recipe,
+)
+from .schema import (
+    Bits,
+    Distillation,
+    Faults,
+    FirstLast,
+    LayerOverride,
+    LRSchedule,
+    LSQMethod,
+    MixedPrecision,
+    NIPQMethod,
+    Optimizer,
+    Phases,
+    Recipe,
+    TemperingMethod,
+    WeightDecay,
+)
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "RECIPE_PATH_ENV",
+    "Bits",
+    "Distillation",
+    "Faults",
+    "FirstLast",
+    "LRSchedule",
+    "LSQMethod",
+    "LayerOverride",
+    "MixedPrecision",
+    "NIPQMethod",
+    "Optimizer",
+    "Phases",
+    "Recipe",
+    "RecipeError",
+    "RecipeInfo",
+    "TemperingMethod",
+    "WeightDecay",
+    "apply_overrides",
+    "dump_recipe",
+    "get_recipe",
+    "list_recipes",
+    "load_recipe",
+    "parse_overrides",
+    "register_recipe",
+    "unregister_recipe",
+]
