@@ -1,0 +1,339 @@
+"""Tests of qtrainer.data: decoding and caching, stratified splits, augmentation, build_data."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import qtrainer.data as data
+from qtrainer.data import (
+    DataBundle,
+    DeviceLoader,
+    ImageArrayDataset,
+    build_data,
+    default_cifar10_jpeg_root,
+    load_digits_split,
+    load_npz_jpeg,
+    stratified_indices,
+    stratified_split,
+)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QTRAINER_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def cifar_root():
+    return default_cifar10_jpeg_root()
+
+
+def write_npz(path, images, labels, classes):
+    """Write images (N×H×W×3 uint8) as a JPEG npz in the layout of the CIFAR-10 copy."""
+    files = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=100, subsampling=0)
+        files.append(np.frombuffer(buffer.getvalue(), dtype=np.uint8))
+    offsets = np.concatenate([[0], np.cumsum([len(f) for f in files])]).astype(np.int64)
+    np.savez(path, jpeg=np.concatenate(files), offsets=offsets, labels=np.asarray(labels, np.uint8), classes=np.array(classes))
+
+
+def test_default_root_search_order(tmp_path, monkeypatch, cifar_root):
+    assert (cifar_root / "train.npz").is_file()
+    (tmp_path / "train.npz").touch()
+    (tmp_path / "test.npz").touch()
+    monkeypatch.setenv("QTRAINER_CIFAR10_JPEG", str(tmp_path))
+    assert default_cifar10_jpeg_root() == tmp_path
+    monkeypatch.setenv("QTRAINER_CIFAR10_JPEG", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(data, "_REPO_ROOT", tmp_path / "repo")
+    with pytest.raises(FileNotFoundError) as info:
+        default_cifar10_jpeg_root()
+    message = str(info.value)
+    for tried in ("nowhere", os.path.join("shared", "data", "cifar10-jpeg"), os.path.join("repo", ".data")):
+        assert tried in message
+
+
+def test_decoded_images_equal_pillow_decode(cifar_root):
+    indices = [0, 4999, 5000, 9999]
+    images, labels, classes = load_npz_jpeg(cifar_root / "test.npz", indices)
+    assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [0, 4, 5, 9] and labels.dtype == np.int64
+    assert classes[:3] == ["airplane", "automobile", "bird"] and len(classes) == 10
+    with np.load(cifar_root / "test.npz") as npz:
+        for image, i in zip(images, indices):
+            raw = npz["jpeg"][npz["offsets"][i] : npz["offsets"][i + 1]].tobytes()
+            np.testing.assert_array_equal(image, np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")))
+
+
+def test_stratified_subset_channel_means(cifar_root):
+    with np.load(cifar_root / "train.npz") as npz:
+        labels = npz["labels"]
+    subset = stratified_indices(labels, per_class=300, seed=0)
+    images, subset_labels, _ = load_npz_jpeg(cifar_root / "train.npz", subset)
+    assert np.bincount(subset_labels).tolist() == [300] * 10
+    means = images.reshape(-1, 3).mean(axis=0)
+    np.testing.assert_allclose(means, [125.3, 122.9, 113.9], atol=3)
+
+
+def test_stratified_indices_exact_counts_and_exclude():
+    labels = np.repeat(np.arange(10), 500)
+    first = stratified_indices(labels, 40, seed=1)
+    assert np.bincount(labels[first]).tolist() == [40] * 10
+    assert len(np.unique(first)) == 400 and np.all(np.diff(first) > 0)
+    np.testing.assert_array_equal(first, stratified_indices(labels, 40, seed=1))
+    second = stratified_indices(labels, 460, seed=2, exclude=first)
+    assert np.intersect1d(first, second).size == 0
+    assert np.bincount(labels[second]).tolist() == [460] * 10
+    with pytest.raises(ValueError, match="fewer than per_class=461"):
+        stratified_indices(labels, 461, seed=2, exclude=first)
+
+
+def test_stratified_split_holds_out_exact_proportional_counts():
+    labels = np.repeat(np.arange(10), 5000)
+    keep, held = stratified_split(labels, 5000, seed=0)
+    assert np.bincount(labels[held]).tolist() == [500] * 10
+    assert len(keep) == 45_000 and np.union1d(keep, held).size == 50_000
+    imbalanced = np.repeat([0, 1, 2], [50, 30, 20])
+    keep, held = stratified_split(imbalanced, 11, seed=0)
+    assert len(held) == 11 and np.bincount(imbalanced[held]).tolist() == [6, 3, 2]  # 5.5, 3.3, 2.2
+    assert stratified_split(imbalanced, 0, seed=0)[1].size == 0
+    with pytest.raises(ValueError, match="cannot hold out 100 of 100"):
+        stratified_split(imbalanced, 100, seed=0)
+
+
+def test_cache_hit_returns_identical_arrays(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (30, 8, 6, 3), dtype=np.uint8)
+    path = tmp_path / "set" / "train.npz"
+    path.parent.mkdir()
+    write_npz(path, images, np.arange(30) % 3, ["a", "b", "c"])
+
+    subset_uncached = load_npz_jpeg(path, [29, 3, 7])
+    assert not (tmp_path / "cache").exists()  # a subset is decoded alone and not cached
+    full, labels, classes = load_npz_jpeg(path)
+    assert full.shape == (30, 8, 6, 3) and classes == ["a", "b", "c"]
+    assert np.abs(full.astype(int) - images).mean() < 3  # JPEG at quality 100, no subsampling
+    cached = list((tmp_path / "cache").glob("set-train-*.npy"))
+    assert len(cached) == 1 and not list((tmp_path / "cache").glob("*.tmp"))
+
+    def no_decode(*args):
+        raise AssertionError("decoded although cached")
+
+    monkeypatch.setattr(data, "_decode", no_decode)
+    again, labels_again, _ = load_npz_jpeg(path)
+    np.testing.assert_array_equal(again, full)
+    np.testing.assert_array_equal(labels_again, labels)
+    subset_cached = load_npz_jpeg(path, [29, 3, 7])
+    np.testing.assert_array_equal(subset_cached[0], full[[29, 3, 7]])
+    np.testing.assert_array_equal(subset_cached[0], subset_uncached[0])
+    np.testing.assert_array_equal(subset_cached[1], [2, 0, 1])
+
+    os.utime(path, ns=(0, 10**18))  # a changed file misses the cache
+    with pytest.raises(AssertionError, match="decoded although cached"):
+        load_npz_jpeg(path)
+
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def reference_normalize(images: np.ndarray) -> torch.Tensor:
+    x = torch.tensor(images, dtype=torch.float32).permute(0, 3, 1, 2) / 255
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, rtol=0, atol=1e-5)
+
+
+def shifted_and_flipped(image: np.ndarray, padding: int) -> list[np.ndarray]:
+    """All crops of the zero-padded image and their mirrors, as H×W×C arrays."""
+    h, w, _ = image.shape
+    padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+    crops = [padded[y : y + h, x : x + w] for y in range(2 * padding + 1) for x in range(2 * padding + 1)]
+    return crops + [c[:, ::-1] for c in crops]
+
+
+@pytest.fixture
+def toy_images():
+    rng = np.random.default_rng(0)
+    return rng.integers(1, 256, (20, 6, 5, 3), dtype=np.uint8), np.arange(20) % 4
+
+
+def test_image_array_dataset_eval_and_train(toy_images):
+    images, labels = toy_images
+    ds = ImageArrayDataset(images, labels, train=False, mean=MEAN, std=STD)
+    x, y = ds[3]
+    assert x.shape == (3, 6, 5) and x.dtype == torch.float32 and x.is_contiguous() and y == 3
+    torch.testing.assert_close(x, reference_normalize(images[3:4])[0])
+
+    train = ImageArrayDataset(images, labels, train=True, mean=MEAN, std=STD, crop_padding=2)
+    torch.manual_seed(0)
+    first = [train[i][0] for i in range(20)]
+    torch.manual_seed(0)
+    assert all(torch.equal(a, train[i][0]) for i, a in enumerate(first))
+    changed = 0
+    for i, x in enumerate(first):
+        options = [reference_normalize(c[None].copy())[0] for c in shifted_and_flipped(images[i], 2)]
+        assert any(close(x, o) for o in options)
+        changed += not close(x, options[12])  # options[12]: the unshifted, unflipped crop
+    assert changed >= 15
+
+
+def test_device_loader_eval_normalization_and_lengths(toy_images):
+    images, labels = toy_images
+    loader = DeviceLoader(images, labels, 8, MEAN, STD, train=False)
+    batches = list(loader)
+    assert len(loader) == 3 and [len(b[1]) for b in batches] == [8, 8, 4]
+    x = torch.cat([b[0] for b in batches])
+    torch.testing.assert_close(x, reference_normalize(images))
+    assert torch.equal(torch.cat([b[1] for b in batches]), torch.as_tensor(labels))
+    assert len(DeviceLoader(images, labels, 8, MEAN, STD, train=True, drop_last=True)) == 2
+    assert sum(len(y) for _, y in DeviceLoader(images, labels, 8, MEAN, STD, train=True, drop_last=True)) == 16
+    # a standardization by the data's own statistics gives zero mean, unit variance per channel
+    pixels = images.reshape(-1, 3) / 255
+    own = DeviceLoader(images, labels, 20, pixels.mean(0), pixels.std(0), train=False)
+    x = next(iter(own))[0].double()
+    torch.testing.assert_close(x.mean(dim=(0, 2, 3)), torch.zeros(3, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.std(dim=(0, 2, 3), unbiased=False), torch.ones(3, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_device_loader_channels_last(toy_images):
+    images, labels = toy_images
+    x, _ = next(iter(DeviceLoader(images, labels, 4, MEAN, STD, train=True, channels_last=True)))
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    x, _ = next(iter(DeviceLoader(images, labels, 4, MEAN, STD, train=True)))
+    assert x.is_contiguous()
+
+
+def epoch(loader):
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def test_device_loader_is_deterministic_per_seed_and_epoch(toy_images):
+    images, labels = toy_images
+    a = DeviceLoader(images, labels, 6, MEAN, STD, train=True, seed=3)
+    b = DeviceLoader(images, labels, 6, MEAN, STD, train=True, seed=3)
+    xa0, ya0 = epoch(a)
+    xb0, yb0 = epoch(b)
+    assert torch.equal(xa0, xb0) and torch.equal(ya0, yb0)
+    xa1, ya1 = epoch(a)  # the next epoch draws anew
+    assert not torch.equal(ya0, ya1) and not torch.equal(xa0, xa1)
+    a.set_epoch(0)
+    assert torch.equal(epoch(a)[0], xa0)
+    assert not torch.equal(epoch(DeviceLoader(images, labels, 6, MEAN, STD, train=True, seed=4))[0], xa0)
+    assert sorted(ya0.tolist()) == sorted(labels.tolist())  # every image once per epoch
+
+
+def test_device_loader_flips_and_crops_change_images(toy_images):
+    images, labels = toy_images
+    reference = reference_normalize(images)
+    flip_only = DeviceLoader(images, labels, 20, MEAN, STD, train=True, crop_padding=0)
+    mirrored = 0  # each output is one of the (distinct) images, as is or mirrored
+    for _ in range(5):
+        x, _ = epoch(flip_only)
+        for image in x:
+            same = [i for i in range(20) if close(image, reference[i])]
+            flipped = [i for i in range(20) if close(image, reference[i].flip(-1))]
+            assert len(same) + len(flipped) == 1
+            mirrored += len(flipped)
+    assert 30 <= mirrored <= 70  # about half of 100
+
+    crop_only = DeviceLoader(images, labels, 20, MEAN, STD, train=True, crop_padding=2, flip=False)
+    x, y = epoch(crop_only)
+    shifted = 0
+    for image, label in zip(x, y):
+        candidates = [i for i in range(20) if labels[i] == label]
+        crops = [reference_normalize(c[None].copy())[0] for i in candidates for c in shifted_and_flipped(images[i], 2)[:25]]
+        assert any(close(image, c) for c in crops)
+        shifted += not any(close(image, reference[i]) for i in candidates)
+    assert shifted >= 15  # 24 of 25 offsets move the image
+
+
+def test_digits_split_sizes_and_balance():
+    train, test = load_digits_split(seed=0, test_fraction=0.2)
+    assert len(train) == 1438 and len(test) == 359
+    x, y = train.tensors
+    assert x.shape == (1438, 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+    counts = torch.bincount(test.tensors[1], minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # 359 over classes of 174..183 images
+    everything = torch.cat([x, test.tensors[0]])
+    assert abs(everything.mean().item()) < 1e-3 and abs(everything.std().item() - 1) < 1e-3
+    other_train, _ = load_digits_split(seed=1)
+    assert not torch.equal(other_train.tensors[1], y)
+
+
+def test_build_data_digits_bundle():
+    bundle = build_data({"name": "digits", "batch_size": 64})
+    assert isinstance(bundle, DataBundle)
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (1295, 143, 359)
+    assert bundle.num_classes == 10 and bundle.input_shape == (1, 8, 8)
+    assert bundle.example_input.shape == (8, 1, 8, 8)
+    loader = bundle.train_loader()
+    assert isinstance(loader, DataLoader) and len(loader) == 21
+    x, y = next(iter(loader))
+    assert x.shape == (64, 1, 8, 8) and y.shape == (64,)
+    assert build_data({"name": "digits", "val_size": 0}).val_loader() is None
+
+
+def test_build_data_npz_jpeg_subset_device_resident(cifar_root):
+    spec = {"name": "npz-jpeg", "subset_per_class": 30, "test_per_class": 10, "device_resident": True, "device": "cpu", "batch_size": 32}
+    bundle = build_data(spec)
+    assert isinstance(bundle.train, DeviceLoader) and bundle.train_loader() is bundle.train
+    assert (len(bundle.train.labels), len(bundle.val.labels), len(bundle.test.labels)) == (270, 30, 100)
+    assert torch.bincount(bundle.val.labels).tolist() == [3] * 10
+    assert bundle.classes[9] == "truck" and bundle.input_shape == (3, 32, 32)
+    np.testing.assert_allclose(np.array(bundle.mean) * 255, [125.3, 122.9, 113.9], atol=8)
+    assert bundle.example_input.shape == (8, 3, 32, 32)
+    x, y = next(iter(bundle.train_loader()))
+    assert x.shape == (32, 3, 32, 32) and x.device.type == "cpu"
+
+    datasets = build_data({**spec, "device_resident": False, "num_workers": 0, "val_size": 50})
+    assert isinstance(datasets.train, ImageArrayDataset) and (len(datasets.train), len(datasets.val)) == (250, 50)
+    with np.load(cifar_root / "test.npz") as npz:
+        first = stratified_indices(npz["labels"], 10, seed=0)[0]  # test_per_class=10, seed 0
+    test_images, _, _ = load_npz_jpeg(cifar_root / "test.npz", [first])
+    reference = torch.tensor(test_images[0] / 255, dtype=torch.float32).permute(2, 0, 1)
+    reference = (reference - torch.tensor(datasets.mean).view(3, 1, 1)) / torch.tensor(datasets.std).view(3, 1, 1)
+    torch.testing.assert_close(datasets.test[0][0], reference)
+
+
+def test_build_data_image_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for name in ("cat", "dog"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(tmp_path / split / name / f"{i}.png")
+    bundle = build_data({"name": "imagefolder", "root": str(tmp_path), "num_workers": 0, "val_size": 2})
+    assert bundle.classes == ["cat", "dog"] and bundle.input_shape == (3, 224, 224)
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (6, 2, 4)
+    assert bundle.train[0][0].shape == bundle.val[0][0].shape == (3, 224, 224)
+    assert bundle.example_input.shape == (4, 3, 224, 224)
+    with pytest.raises(FileNotFoundError, match="no train/ folder"):
+        build_data({"name": "imagenet", "root": str(tmp_path / "val")})
+
+
+@pytest.mark.parametrize(
+    "spec, error, match",
+    [
+        ({"name": "cifar-10"}, ValueError, r"data.name='cifar-10'.*allowed: digits, npz-jpeg.*did you mean 'cifar10'"),
+        ({}, ValueError, r"data.name=None"),
+        ({"name": "digits", "batchsize": 8}, ValueError, r"data.batchsize is not a valid key.*did you mean 'batch_size'"),
+        ({"name": "digits", "root": "x"}, ValueError, r"data.root is not a valid key for data.name='digits'"),
+        ({"name": "digits", "batch_size": 0}, ValueError, r"data.batch_size=0 must be an integer >= 1"),
+        ({"name": "digits", "val_size": 5000}, ValueError, r"cannot hold out 5000"),
+        ({"name": "cifar10"}, ValueError, r"data.root is required"),
+        ({"name": "cifar100", "root": "/nonexistent"}, FileNotFoundError, r"cifar100 not found.*data.download: true"),
+        ({"name": "npz-jpeg", "root": "/nonexistent"}, FileNotFoundError, r"has no train.npz"),
+    ],
+)
+def test_build_data_errors(spec, error, match):
+    with pytest.raises(error, match=match):
+        build_data(spec)
