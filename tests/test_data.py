@@ -15,6 +15,7 @@ from qtrainer.data import (
     DeviceLoader,
     ImageArrayDataset,
     build_data,
+    channel_stats,
     default_cifar10_jpeg_root,
     load_digits_split,
     load_npz_jpeg,
@@ -41,7 +42,13 @@ def write_npz(path, images, labels, classes):
         Image.fromarray(image).save(buffer, format="JPEG", quality=100, subsampling=0)
         files.append(np.frombuffer(buffer.getvalue(), dtype=np.uint8))
     offsets = np.concatenate([[0], np.cumsum([len(f) for f in files])]).astype(np.int64)
-    np.savez(path, jpeg=np.concatenate(files), offsets=offsets, labels=np.asarray(labels, np.uint8), classes=np.array(classes))
+    np.savez(
+        path,
+        jpeg=np.concatenate(files),
+        offsets=offsets,
+        labels=np.asarray(labels, np.uint8),
+        classes=np.array(classes),
+    )
 
 
 def test_default_root_search_order(tmp_path, monkeypatch, cifar_root):
@@ -54,9 +61,12 @@ def test_default_root_search_order(tmp_path, monkeypatch, cifar_root):
     monkeypatch.setattr(data, "_REPO_ROOT", tmp_path / "repo")
     with pytest.raises(FileNotFoundError) as info:
         default_cifar10_jpeg_root()
-    message = str(info.value)
-    for tried in ("nowhere", os.path.join("shared", "data", "cifar10-jpeg"), os.path.join("repo", ".data")):
-        assert tried in message
+    tried = [
+        "nowhere",
+        os.path.join("shared", "data", "cifar10-jpeg"),
+        os.path.join("repo", ".data"),
+    ]
+    assert all(t in str(info.value) for t in tried)
 
 
 def test_decoded_images_equal_pillow_decode(cifar_root):
@@ -68,7 +78,8 @@ def test_decoded_images_equal_pillow_decode(cifar_root):
     with np.load(cifar_root / "test.npz") as npz:
         for image, i in zip(images, indices):
             raw = npz["jpeg"][npz["offsets"][i] : npz["offsets"][i + 1]].tobytes()
-            np.testing.assert_array_equal(image, np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")))
+            expected = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+            np.testing.assert_array_equal(image, expected)
 
 
 def test_stratified_subset_channel_means(cifar_root):
@@ -79,6 +90,14 @@ def test_stratified_subset_channel_means(cifar_root):
     assert np.bincount(subset_labels).tolist() == [300] * 10
     means = images.reshape(-1, 3).mean(axis=0)
     np.testing.assert_allclose(means, [125.3, 122.9, 113.9], atol=3)
+
+
+def test_channel_stats_match_numpy():
+    images = np.random.default_rng(0).integers(0, 256, (2500, 4, 3, 3), dtype=np.uint8)
+    mean, std = channel_stats(images)
+    pixels = images.reshape(-1, 3) / 255
+    np.testing.assert_allclose(mean, pixels.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(std, pixels.std(0), rtol=1e-9)
 
 
 def test_stratified_indices_exact_counts_and_exclude():
@@ -101,15 +120,14 @@ def test_stratified_split_holds_out_exact_proportional_counts():
     assert len(keep) == 45_000 and np.union1d(keep, held).size == 50_000
     imbalanced = np.repeat([0, 1, 2], [50, 30, 20])
     keep, held = stratified_split(imbalanced, 11, seed=0)
-    assert len(held) == 11 and np.bincount(imbalanced[held]).tolist() == [6, 3, 2]  # 5.5, 3.3, 2.2
+    assert np.bincount(imbalanced[held]).tolist() == [6, 3, 2]  # quotas 5.5, 3.3, 2.2
     assert stratified_split(imbalanced, 0, seed=0)[1].size == 0
     with pytest.raises(ValueError, match="cannot hold out 100 of 100"):
         stratified_split(imbalanced, 100, seed=0)
 
 
 def test_cache_hit_returns_identical_arrays(tmp_path, monkeypatch):
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (30, 8, 6, 3), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (30, 8, 6, 3), dtype=np.uint8)
     path = tmp_path / "set" / "train.npz"
     path.parent.mkdir()
     write_npz(path, images, np.arange(30) % 3, ["a", "b", "c"])
@@ -119,8 +137,8 @@ def test_cache_hit_returns_identical_arrays(tmp_path, monkeypatch):
     full, labels, classes = load_npz_jpeg(path)
     assert full.shape == (30, 8, 6, 3) and classes == ["a", "b", "c"]
     assert np.abs(full.astype(int) - images).mean() < 3  # JPEG at quality 100, no subsampling
-    cached = list((tmp_path / "cache").glob("set-train-*.npy"))
-    assert len(cached) == 1 and not list((tmp_path / "cache").glob("*.tmp"))
+    assert len(list((tmp_path / "cache").glob("set-train-*.npy"))) == 1
+    assert not list((tmp_path / "cache").glob("*.tmp"))
 
     def no_decode(*args):
         raise AssertionError("decoded although cached")
@@ -143,20 +161,28 @@ MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
 def reference_normalize(images: np.ndarray) -> torch.Tensor:
+    """N×H×W×C uint8 -> N×C×H×W float, computed the textbook way."""
     x = torch.tensor(images, dtype=torch.float32).permute(0, 3, 1, 2) / 255
     return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
 
-def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.allclose(a, b, rtol=0, atol=1e-5)
+def augmentations(image: np.ndarray, padding: int, flip: bool = True) -> torch.Tensor:
+    """All crops of the zero-padded H×W×C image (then their mirrors), normalized: K×C×H×W.
 
-
-def shifted_and_flipped(image: np.ndarray, padding: int) -> list[np.ndarray]:
-    """All crops of the zero-padded image and their mirrors, as H×W×C arrays."""
+    Index ``padding * (2 * padding + 2)`` is the unshifted, unflipped image.
+    """
     h, w, _ = image.shape
     padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
-    crops = [padded[y : y + h, x : x + w] for y in range(2 * padding + 1) for x in range(2 * padding + 1)]
-    return crops + [c[:, ::-1] for c in crops]
+    offsets = range(2 * padding + 1)
+    crops = [padded[y : y + h, x : x + w] for y in offsets for x in offsets]
+    if flip:
+        crops += [c[:, ::-1] for c in crops]
+    return reference_normalize(np.stack(crops))
+
+
+def matches(x: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Which of the K candidates (K×C×H×W) equal x (C×H×W) up to float rounding."""
+    return (candidates - x).abs().amax(dim=(1, 2, 3)) < 1e-5
 
 
 @pytest.fixture
@@ -179,10 +205,10 @@ def test_image_array_dataset_eval_and_train(toy_images):
     assert all(torch.equal(a, train[i][0]) for i, a in enumerate(first))
     changed = 0
     for i, x in enumerate(first):
-        options = [reference_normalize(c[None].copy())[0] for c in shifted_and_flipped(images[i], 2)]
-        assert any(close(x, o) for o in options)
-        changed += not close(x, options[12])  # options[12]: the unshifted, unflipped crop
-    assert changed >= 15
+        hits = matches(x, augmentations(images[i], 2))
+        assert hits.any()
+        changed += not hits[12]
+    assert changed >= 15  # 49 of 50 crop/flip choices change the image
 
 
 def test_device_loader_eval_normalization_and_lengths(toy_images):
@@ -190,22 +216,22 @@ def test_device_loader_eval_normalization_and_lengths(toy_images):
     loader = DeviceLoader(images, labels, 8, MEAN, STD, train=False)
     batches = list(loader)
     assert len(loader) == 3 and [len(b[1]) for b in batches] == [8, 8, 4]
-    x = torch.cat([b[0] for b in batches])
-    torch.testing.assert_close(x, reference_normalize(images))
+    torch.testing.assert_close(torch.cat([b[0] for b in batches]), reference_normalize(images))
     assert torch.equal(torch.cat([b[1] for b in batches]), torch.as_tensor(labels))
-    assert len(DeviceLoader(images, labels, 8, MEAN, STD, train=True, drop_last=True)) == 2
-    assert sum(len(y) for _, y in DeviceLoader(images, labels, 8, MEAN, STD, train=True, drop_last=True)) == 16
-    # a standardization by the data's own statistics gives zero mean, unit variance per channel
-    pixels = images.reshape(-1, 3) / 255
-    own = DeviceLoader(images, labels, 20, pixels.mean(0), pixels.std(0), train=False)
-    x = next(iter(own))[0].double()
-    torch.testing.assert_close(x.mean(dim=(0, 2, 3)), torch.zeros(3, dtype=torch.float64), atol=1e-5, rtol=0)
-    torch.testing.assert_close(x.std(dim=(0, 2, 3), unbiased=False), torch.ones(3, dtype=torch.float64), atol=1e-5, rtol=0)
+    dropping = DeviceLoader(images, labels, 8, MEAN, STD, train=True, drop_last=True)
+    assert len(dropping) == 2 and sum(len(y) for _, y in dropping) == 16
+    # standardizing by the data's own statistics gives zero mean, unit variance per channel
+    x = next(iter(DeviceLoader(images, labels, 20, *channel_stats(images), train=False)))[0]
+    x = x.double()
+    zeros, ones = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    torch.testing.assert_close(x.mean(dim=(0, 2, 3)), zeros, atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.std(dim=(0, 2, 3), unbiased=False), ones, atol=1e-5, rtol=0)
 
 
 def test_device_loader_channels_last(toy_images):
     images, labels = toy_images
-    x, _ = next(iter(DeviceLoader(images, labels, 4, MEAN, STD, train=True, channels_last=True)))
+    loader = DeviceLoader(images, labels, 4, MEAN, STD, train=True, channels_last=True)
+    x, _ = next(iter(loader))
     assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     x, _ = next(iter(DeviceLoader(images, labels, 4, MEAN, STD, train=True)))
     assert x.is_contiguous()
@@ -227,7 +253,8 @@ def test_device_loader_is_deterministic_per_seed_and_epoch(toy_images):
     assert not torch.equal(ya0, ya1) and not torch.equal(xa0, xa1)
     a.set_epoch(0)
     assert torch.equal(epoch(a)[0], xa0)
-    assert not torch.equal(epoch(DeviceLoader(images, labels, 6, MEAN, STD, train=True, seed=4))[0], xa0)
+    other_seed = DeviceLoader(images, labels, 6, MEAN, STD, train=True, seed=4)
+    assert not torch.equal(epoch(other_seed)[0], xa0)
     assert sorted(ya0.tolist()) == sorted(labels.tolist())  # every image once per epoch
 
 
@@ -237,22 +264,18 @@ def test_device_loader_flips_and_crops_change_images(toy_images):
     flip_only = DeviceLoader(images, labels, 20, MEAN, STD, train=True, crop_padding=0)
     mirrored = 0  # each output is one of the (distinct) images, as is or mirrored
     for _ in range(5):
-        x, _ = epoch(flip_only)
-        for image in x:
-            same = [i for i in range(20) if close(image, reference[i])]
-            flipped = [i for i in range(20) if close(image, reference[i].flip(-1))]
-            assert len(same) + len(flipped) == 1
-            mirrored += len(flipped)
+        for x in epoch(flip_only)[0]:
+            same, flipped = matches(x, reference).sum(), matches(x, reference.flip(-1)).sum()
+            assert same + flipped == 1
+            mirrored += int(flipped)
     assert 30 <= mirrored <= 70  # about half of 100
 
     crop_only = DeviceLoader(images, labels, 20, MEAN, STD, train=True, crop_padding=2, flip=False)
-    x, y = epoch(crop_only)
     shifted = 0
-    for image, label in zip(x, y):
+    for x, label in zip(*epoch(crop_only)):
         candidates = [i for i in range(20) if labels[i] == label]
-        crops = [reference_normalize(c[None].copy())[0] for i in candidates for c in shifted_and_flipped(images[i], 2)[:25]]
-        assert any(close(image, c) for c in crops)
-        shifted += not any(close(image, reference[i]) for i in candidates)
+        assert any(matches(x, augmentations(images[i], 2, flip=False)).any() for i in candidates)
+        shifted += not matches(x, reference[candidates]).any()
     assert shifted >= 15  # 24 of 25 offsets move the image
 
 
@@ -267,6 +290,8 @@ def test_digits_split_sizes_and_balance():
     assert abs(everything.mean().item()) < 1e-3 and abs(everything.std().item() - 1) < 1e-3
     other_train, _ = load_digits_split(seed=1)
     assert not torch.equal(other_train.tensors[1], y)
+    with pytest.raises(ValueError, match="test_fraction"):
+        load_digits_split(test_fraction=1.0)
 
 
 def test_build_data_digits_bundle():
@@ -282,11 +307,19 @@ def test_build_data_digits_bundle():
     assert build_data({"name": "digits", "val_size": 0}).val_loader() is None
 
 
-def test_build_data_npz_jpeg_subset_device_resident(cifar_root):
-    spec = {"name": "npz-jpeg", "subset_per_class": 30, "test_per_class": 10, "device_resident": True, "device": "cpu", "batch_size": 32}
+def test_build_data_npz_jpeg_subset(cifar_root):
+    spec = {
+        "name": "npz-jpeg",
+        "subset_per_class": 30,
+        "test_per_class": 10,
+        "device_resident": True,
+        "device": "cpu",
+        "batch_size": 32,
+    }
     bundle = build_data(spec)
     assert isinstance(bundle.train, DeviceLoader) and bundle.train_loader() is bundle.train
-    assert (len(bundle.train.labels), len(bundle.val.labels), len(bundle.test.labels)) == (270, 30, 100)
+    sizes = (len(bundle.train.labels), len(bundle.val.labels), len(bundle.test.labels))
+    assert sizes == (270, 30, 100)
     assert torch.bincount(bundle.val.labels).tolist() == [3] * 10
     assert bundle.classes[9] == "truck" and bundle.input_shape == (3, 32, 32)
     np.testing.assert_allclose(np.array(bundle.mean) * 255, [125.3, 122.9, 113.9], atol=8)
@@ -295,13 +328,14 @@ def test_build_data_npz_jpeg_subset_device_resident(cifar_root):
     assert x.shape == (32, 3, 32, 32) and x.device.type == "cpu"
 
     datasets = build_data({**spec, "device_resident": False, "num_workers": 0, "val_size": 50})
-    assert isinstance(datasets.train, ImageArrayDataset) and (len(datasets.train), len(datasets.val)) == (250, 50)
+    assert isinstance(datasets.train, ImageArrayDataset)
+    assert (len(datasets.train), len(datasets.val)) == (250, 50)
     with np.load(cifar_root / "test.npz") as npz:
         first = stratified_indices(npz["labels"], 10, seed=0)[0]  # test_per_class=10, seed 0
-    test_images, _, _ = load_npz_jpeg(cifar_root / "test.npz", [first])
-    reference = torch.tensor(test_images[0] / 255, dtype=torch.float32).permute(2, 0, 1)
-    reference = (reference - torch.tensor(datasets.mean).view(3, 1, 1)) / torch.tensor(datasets.std).view(3, 1, 1)
-    torch.testing.assert_close(datasets.test[0][0], reference)
+    image = torch.tensor(load_npz_jpeg(cifar_root / "test.npz", [first])[0][0] / 255)
+    mean, std = torch.tensor(datasets.mean), torch.tensor(datasets.std)
+    expected = (image.permute(2, 0, 1) - mean.view(3, 1, 1)) / std.view(3, 1, 1)
+    torch.testing.assert_close(datasets.test[0][0], expected.float())
 
 
 def test_build_data_image_folder(tmp_path):
@@ -310,8 +344,10 @@ def test_build_data_image_folder(tmp_path):
         for name in ("cat", "dog"):
             (tmp_path / split / name).mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(tmp_path / split / name / f"{i}.png")
-    bundle = build_data({"name": "imagefolder", "root": str(tmp_path), "num_workers": 0, "val_size": 2})
+                image = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
+                Image.fromarray(image).save(tmp_path / split / name / f"{i}.png")
+    spec = {"name": "imagefolder", "root": str(tmp_path), "num_workers": 0, "val_size": 2}
+    bundle = build_data(spec)
     assert bundle.classes == ["cat", "dog"] and bundle.input_shape == (3, 224, 224)
     assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (6, 2, 4)
     assert bundle.train[0][0].shape == bundle.val[0][0].shape == (3, 224, 224)
@@ -323,14 +359,26 @@ def test_build_data_image_folder(tmp_path):
 @pytest.mark.parametrize(
     "spec, error, match",
     [
-        ({"name": "cifar-10"}, ValueError, r"data.name='cifar-10'.*allowed: digits, npz-jpeg.*did you mean 'cifar10'"),
+        (
+            {"name": "cifar-10"},
+            ValueError,
+            r"data.name='cifar-10'.*allowed: digits, npz-jpeg.*did you mean 'cifar10'",
+        ),
         ({}, ValueError, r"data.name=None"),
-        ({"name": "digits", "batchsize": 8}, ValueError, r"data.batchsize is not a valid key.*did you mean 'batch_size'"),
-        ({"name": "digits", "root": "x"}, ValueError, r"data.root is not a valid key for data.name='digits'"),
-        ({"name": "digits", "batch_size": 0}, ValueError, r"data.batch_size=0 must be an integer >= 1"),
+        (
+            {"name": "digits", "batchsize": 8},
+            ValueError,
+            r"data.batchsize is not a valid key.*did you mean 'batch_size'",
+        ),
+        ({"name": "digits", "root": "x"}, ValueError, r"data.root is not a valid key .*'digits'"),
+        ({"name": "digits", "batch_size": 0}, ValueError, r"data.batch_size=0 must be .* >= 1"),
         ({"name": "digits", "val_size": 5000}, ValueError, r"cannot hold out 5000"),
         ({"name": "cifar10"}, ValueError, r"data.root is required"),
-        ({"name": "cifar100", "root": "/nonexistent"}, FileNotFoundError, r"cifar100 not found.*data.download: true"),
+        (
+            {"name": "cifar100", "root": "/nonexistent"},
+            FileNotFoundError,
+            r"cifar100 not found.*data.download: true",
+        ),
         ({"name": "npz-jpeg", "root": "/nonexistent"}, FileNotFoundError, r"has no train.npz"),
     ],
 )
