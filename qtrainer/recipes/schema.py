@@ -230,7 +230,8 @@ class LRSchedule:
 
     Attributes:
         name: ``cosine``: cosine decay from ``lr`` to ``floor * lr`` over the epochs after the
-            warm-up; ``constant``: ``lr`` after the warm-up; ``keep``: leave the user's scheduler.
+            warm-up; ``constant``: ``lr`` after the warm-up; ``keep``: leave the user's scheduler
+            (needs ``optimizer.policy: keep``, no warm-up, no floor).
         warmup_epochs: epochs of linear warm-up (0 = none).
         warmup_start_factor: lr factor in the first warm-up epoch, rising linearly to 1
             (NIPQ: 0.1 -> 0.1, 0.4, 0.7 of lr over 3 epochs).
@@ -315,7 +316,7 @@ class Faults:
 
 
 def _join(path: str, key: object) -> str:
-    text = key if isinstance(key, str) else show(key)
+    text = key if isinstance(key, str) and key else show(key)
     return f"{path}.{text}" if path else text
 
 
@@ -343,7 +344,7 @@ def _parse_section(cls: type, raw: object, path: str, defaults: Mapping | None =
                    note: Any = None, skip: tuple[str, ...] = ()) -> Any:
     raw = _mapping(raw, path)
     names = [f.name for f in fields(cls)]
-    _reject_unknown({k: v for k, v in raw.items() if k not in skip}, names, path, note)
+    _reject_unknown({k: v for k, v in raw.items() if k not in skip}, [*skip, *names], path, note)
     values = {}
     for f in fields(cls):
         key_path = _join(path, f.name)
@@ -485,21 +486,19 @@ class Recipe:
             if m.b_min >= m.b_max:
                 raise RecipeError("method.b_max", f"method.b_max: {m.b_max} must be greater than "
                                                   f"method.b_min ({m.b_min})")
-            # A learned bit-width b_c = b_min + (b_max-b_min)*sigmoid(theta) never reaches the bounds.
+            # b_c = b_min + (b_max-b_min)*sigmoid(theta) never reaches the bounds, so with learned
+            # bits every quantizer's (initial) bit-width must lie strictly inside them.
             lo, hi, how = ((m.b_min + 1, m.b_max - 1, "strictly between") if m.learn_bits
-                           else (m.b_min, m.b_max, "in"))
-            learned = "initial bits of learned bit-widths" if m.learn_bits else "bits"
-            for key, value in (("bits.weight", self.bits.weight), ("bits.activation", self.bits.activation)):
-                if not lo <= value <= hi:
-                    raise RecipeError(key, f"{key}: {value} is out of range; nipq {learned} must be "
-                                           f"{how} method.b_min ({m.b_min}) and method.b_max ({m.b_max})")
-            fixed = [("first_last.bits", self.first_last.bits)] + [
+                           else (m.b_min, m.b_max, "between"))
+            keyed = [("bits.weight", self.bits.weight), ("bits.activation", self.bits.activation),
+                     ("first_last.bits", self.first_last.bits)] + [
                 (f"overrides.{p}.{k}", getattr(o, k)) for p, o in self.overrides.items()
                 for k in ("weight_bits", "act_bits")]
-            for key, value in fixed:
-                if isinstance(value, int) and not m.b_min <= value <= m.b_max:
-                    raise RecipeError(key, f"{key}: {value} is out of range; nipq allows "
-                                           f"[method.b_min, method.b_max] = [{m.b_min}, {m.b_max}]")
+            for key, value in keyed:
+                if isinstance(value, int) and not lo <= value <= hi:
+                    raise RecipeError(key, f"{key}: {value} is out of range; with method 'nipq' (learn_bits "
+                                           f"{str(m.learn_bits).lower()}) bits must be {how} method.b_min "
+                                           f"({m.b_min}) and method.b_max ({m.b_max})")
         elif self.phases.hard_epochs:
             raise RecipeError("phases.hard_epochs", f"phases.hard_epochs: {self.phases.hard_epochs} is not "
                                                     f"allowed for method '{m.name}' (always hard quantization); "
@@ -515,6 +514,9 @@ class Recipe:
         if s.name == "keep" and s.warmup_epochs:
             raise RecipeError("lr_schedule.warmup_epochs", "lr_schedule.warmup_epochs: must be 0 with "
                                                            "lr_schedule.name 'keep' (the user's scheduler is kept)")
+        if s.name == "keep" and self.optimizer.policy != "keep":
+            raise RecipeError("lr_schedule.name", "lr_schedule.name: 'keep' leaves the user's scheduler, which "
+                                                  "drives the user's optimizer: it needs optimizer.policy 'keep'")
         if s.name != "cosine" and s.floor:
             raise RecipeError("lr_schedule.floor", f"lr_schedule.floor: {s.floor} is only used by the 'cosine' "
                                                    f"schedule, not '{s.name}'; allowed: 0.0")
