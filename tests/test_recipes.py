@@ -355,8 +355,9 @@ def test_parse_overrides_reads_values_as_yaml():
     assert parse_overrides(["bits.weight=2", "method.grad_scale=none", "include=[a, b.*]",
                             "weight_decay.base=1e-5"]) == {
         "bits.weight": 2, "method.grad_scale": "none", "include": ["a", "b.*"], "weight_decay.base": 1e-5}
-    with pytest.raises(RecipeError, match="must look like 'key.path=value'"):
-        parse_overrides(["bits.weight"])
+    for bad in ["bits.weight", "=2", 3]:
+        with pytest.raises(RecipeError, match="must look like 'key.path=value'"):
+            parse_overrides([bad])
     with pytest.raises(RecipeError) as info:
         parse_overrides(["include=[a"])
     assert info.value.key_path == "include" and "broken YAML" in str(info.value)
@@ -662,6 +663,11 @@ def test_recipe_path_problems(tmp_path, monkeypatch):
         get_recipe("lsq-4bit")
     assert info.value.key_path == "name" and "must state its own name" in str(info.value)
     assert info.value.source == str(tmp_path / "anon.yaml")
+    write(tmp_path / "anon.yaml", "name: [oops]\nextends: lsq-4bit\n")
+    with pytest.raises(RecipeError) as info:
+        list_recipes()
+    assert info.value.key_path == "name" and info.value.source == str(tmp_path / "anon.yaml")
+    assert "name: expected a name of letters" in str(info.value)
 
 
 def make_dist(site: Path, dist: str, module: str, module_code: str, entry: str) -> None:

@@ -177,9 +177,9 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     value is parsed as YAML (``2`` an int, ``[a, b]`` a list, ``none`` a string)."""
     out: dict[str, Any] = {}
     for item in items:
-        key, sep, text = item.partition("=")
+        key, sep, text = item.partition("=") if isinstance(item, str) else ("", "", "")
         if not sep or not key.strip():
-            raise RecipeError(item or "<overrides>", f"override {show(item)} must look like 'key.path=value'")
+            raise RecipeError(show(item), f"override {show(item)} must look like 'key.path=value'")
         try:
             out[key.strip()] = parse_yaml(text)
         except RecipeError as e:

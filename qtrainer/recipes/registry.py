@@ -77,7 +77,14 @@ def _file_entry(path: Path, source: str) -> _Entry:
     if "name" not in raw:
         raise RecipeError("name", "missing required key 'name': a discovered recipe file must state "
                                   "its own name", source=str(path))
-    return _Entry(NAME(raw["name"], "name"), source, str(path), path=path)
+    return _Entry(_checked_name(raw["name"], str(path)), source, str(path), path=path)
+
+
+def _checked_name(name: object, where: str) -> str:
+    try:
+        return NAME(name, "name")
+    except RecipeError as e:
+        raise e.with_source(where) from None
 
 
 def _folder_entries(folder: Path, source: str) -> list[_Entry]:
@@ -109,7 +116,7 @@ def _entry_point_entries() -> list[_Entry]:
         elif isinstance(obj, Mapping):
             if "name" not in obj:
                 raise RecipeError("name", f"missing required key 'name' in the recipe of {label}")
-            entries.append(_Entry(NAME(obj["name"], "name"), source, label, raw=obj))
+            entries.append(_Entry(_checked_name(obj["name"], label), source, label, raw=obj))
         else:
             raise RecipeError(ROOT, f"{label} gave {type(obj).__name__}; expected a path to a recipe "
                                     "file or folder, a Recipe, or a recipe mapping")
