@@ -20,3 +20,28 @@ class ExponentialDecay:
 
     def __call__(self, step: int) -> float:
         return self.lambda_0 * math.exp(-self.k * step / max(self.total_steps, 1))
+
+
+@dataclass(frozen=True)
+class WarmupCosine:
+    """Learning-rate factor per optimizer step (a ``LambdaLR`` lambda).
+
+    Linear warm-up over ``warmup_steps`` from ``warmup_start`` to 1, then ``cosine`` decay to
+    ``floor`` at ``total_steps`` (or ``constant`` 1). Past ``total_steps`` the factor stays at
+    its final value.
+    """
+
+    total_steps: int
+    warmup_steps: int = 0
+    warmup_start: float = 0.1
+    floor: float = 0.0
+    name: str = "cosine"
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.warmup_start + (1 - self.warmup_start) * step / self.warmup_steps
+        if self.name == "constant":
+            return 1.0
+        span = max(self.total_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / span, 1.0)
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))

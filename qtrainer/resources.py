@@ -1,0 +1,95 @@
+"""Size, bit-operation and average-bit accounting of a quantized model, and NIPQ's resource loss.
+
+Element counts are per example (batch 1), recorded by surgery's trace: ``numel(W_l)`` for
+weights, ``act_numel`` for layer inputs, ``macs`` multiply-accumulates. A side left in full
+precision counts as 32 bits. Sizes in megabytes are 10^6 bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .nn import QuantizedLayer
+from .quantizers import NIPQQuantizer, Quantizer
+
+FP_BITS = 32
+
+
+def _bits(q: Quantizer | None) -> int:
+    return FP_BITS if q is None else q.bits
+
+
+def _bits_tensor(q: Quantizer | None, device) -> torch.Tensor:
+    """The bit-width as a tensor; NIPQ's learned bits carry a straight-through gradient."""
+    if isinstance(q, NIPQQuantizer):
+        return q.bits_ste().to(device)
+    return torch.full((1,), float(_bits(q)), device=device)
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLayer)]
+
+
+@dataclass
+class ResourceSummary:
+    """Whole-model figures: average bits weighted by element counts, size in MB, GBOPs."""
+
+    avg_weight_bits: float
+    avg_act_bits: float
+    size_mb: float
+    gbops: float
+
+    def to_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+def summarize(model: nn.Module) -> ResourceSummary:
+    """Average weight/activation bits, model size (quantized weights plus 32 bits per quantizer
+    parameter element) and GBOPs of one example, over the quantized layers."""
+    w_num = w_den = a_num = a_den = size_bits = bops = 0.0
+    for _, layer in quantized_layers(model):
+        wb, ab = _bits(layer.weight_quantizer), _bits(layer.input_quantizer)
+        n = layer.weight.numel()
+        w_num += wb * n
+        w_den += n
+        a_num += ab * layer.act_numel
+        a_den += layer.act_numel
+        size_bits += wb * n + FP_BITS * sum(
+            p.numel() for q in (layer.weight_quantizer, layer.input_quantizer) if q is not None
+            for p in q.parameters())
+        bops += layer.macs * wb * ab
+    return ResourceSummary(w_num / max(w_den, 1), a_num / max(a_den, 1), size_bits / 8e6, bops / 1e9)
+
+
+def resource_loss(model: nn.Module, target: str, value: float, w_scale: float = 1.0,
+                  a_scale: float = 1.0, bops_scale: float = 3.0) -> torch.Tensor:
+    """NIPQ's resource constraint (ALGORITHMS.md section 2); its gradient reaches only the
+    learned bit-widths (through ``round(b_c)`` with STE).
+
+    ``avg_bits``: ``w_scale * SmoothL1(sum b_l numel(W_l), T sum numel(W)) / 2^23 +
+    a_scale * SmoothL1(sum b_l numel(A_l), T sum numel(A)) / 2^23`` (activation quantizers only).
+    ``gbops``: ``bops_scale * SmoothL1(sum macs_l b_w b_a / 1e9, G)`` with each layer's real
+    input bit-width.
+    """
+    layers = [layer for _, layer in quantized_layers(model)]
+    device = layers[0].weight.device
+    zero = torch.zeros(1, device=device)
+    if target == "avg_bits":
+        w_bits = sum((_bits_tensor(m.weight_quantizer, device) * m.weight.numel() for m in layers
+                      if m.weight_quantizer is not None), zero)
+        w_total = sum(m.weight.numel() for m in layers if m.weight_quantizer is not None)
+        a_bits = sum((_bits_tensor(m.input_quantizer, device) * m.act_numel for m in layers
+                      if m.input_quantizer is not None), zero)
+        a_total = sum(m.act_numel for m in layers if m.input_quantizer is not None)
+        loss_w = F.smooth_l1_loss(w_bits, torch.full_like(w_bits, value * w_total))
+        loss_a = F.smooth_l1_loss(a_bits, torch.full_like(a_bits, value * a_total))
+        return (w_scale * loss_w + a_scale * loss_a) / 2**23
+    if target == "gbops":
+        bops = sum((_bits_tensor(m.weight_quantizer, device) * _bits_tensor(m.input_quantizer, device)
+                    * m.macs for m in layers), zero) / 1e9
+        return bops_scale * F.smooth_l1_loss(bops, torch.full_like(bops, value))
+    raise ValueError(f"target={target!r} is not allowed; allowed: avg_bits, gbops")
