@@ -1,0 +1,189 @@
+"""ONNX export with QuantizeLinear/DequantizeLinear (QDQ) around every quantized weight and input.
+
+Emitted with the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``), which
+in torch 2.14 supports opsets up to 20; default opset 17, any of 13..20 works. Custom
+``torch.autograd.Function`` s with a ``symbolic`` method produce the QDQ nodes; the rest of the
+graph is what torch exports.
+
+- Weights: the integer codes are an initializer (``int8`` for signed ranges up to 8 bits,
+  ``uint8`` unsigned, ``int32`` above 8 bits) feeding ``DequantizeLinear`` with the fp32 step
+  (per tensor, or per output channel with ``axis=0``), zero point 0. ``codes * scale`` is the
+  exact quantized weight. Sub-8-bit codes are stored one per byte (opset 13..20 has no int4).
+- Inputs (activations) up to 8 bits: ``Clip(x, lo*s, hi*s) -> QuantizeLinear(s, zp=0) ->
+  DequantizeLinear(s, zp=0)`` with ``int8`` (signed) or ``uint8`` (unsigned). The clip in the
+  float domain restricts sub-8-bit ranges (e.g. 4-bit signed ``[-8, 7]``) to the code range;
+  it is left out where the code range is the whole int8/uint8 range. Clipping in the integer
+  domain (Clip on int8) is not supported by every runtime, and opset 21's int4 types are
+  beyond this exporter, so this is the form onnxruntime CPU runs everywhere.
+- Inputs above 8 bits (no int16 QuantizeLinear before opset 21): the quantizer's own math as
+  float ops (``Div, Clip, Round, Mul``), exact.
+
+Numerics: QuantizeLinear computes ``round_half_even(x / s)``, as LSQ does (``x / s``, not
+``x * (1/s)``; checked against onnxruntime CPU). NIPQ computes ``round(n * clamp(x/alpha))`` and
+its step is ``alpha / n``, so the ONNX codes may differ from PyTorch's on values within float
+rounding of a rounding boundary (measured parity in tests/test_export.py).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import torch
+from torch import nn
+
+from ..atomic import atomic_path
+from ._common import EvalQuant, active, as_args, int_weight, quantized_layers
+
+DEFAULT_OPSET = 17
+OPSETS = range(13, 21)
+
+
+def _int_type(lo: int, hi: int) -> torch.dtype:
+    for dtype in (torch.int8, torch.uint8, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return dtype
+    raise ValueError(f"code range {lo}..{hi} does not fit int32")  # pragma: no cover
+
+
+def _zero(g, dtype: torch.dtype, channels: int | None):
+    value = torch.zeros((channels,) if channels else (), dtype=dtype)
+    return g.op("Constant", value_t=value)
+
+
+class DequantizeFunction(torch.autograd.Function):
+    """``codes * scale`` (weights); ONNX: ``DequantizeLinear(codes, scale, 0[, axis=0])``."""
+
+    @staticmethod
+    def forward(ctx, codes, scale, per_channel: bool):
+        s = scale.view(-1, *([1] * (codes.dim() - 1))) if per_channel else scale
+        return codes.float() * s
+
+    @staticmethod
+    def symbolic(g, codes, scale, per_channel: bool):
+        dtype = codes.type().dtype()
+        if per_channel:
+            channels = codes.type().sizes()[0]
+            return g.op("DequantizeLinear", codes, scale, _zero(g, dtype, channels), axis_i=0)
+        return g.op("DequantizeLinear", codes, scale, _zero(g, dtype, None))
+
+
+class QDQFunction(torch.autograd.Function):
+    """Fake quantization as ONNX computes it: ``clamp(round(clip(x, clo, chi) / s), qmin, qmax) * s``;
+    ONNX: optional ``Clip`` then ``QuantizeLinear``/``DequantizeLinear`` (int8 or uint8)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, signed: bool, clip: bool, clip_lo: float, clip_hi: float):
+        info = torch.iinfo(torch.int8 if signed else torch.uint8)
+        xf = x.float()
+        if clip:
+            xf = torch.clamp(xf, clip_lo, clip_hi)
+        q = torch.clamp(torch.round(xf / scale), info.min, info.max)
+        return (q * scale).to(x.dtype)
+
+    @staticmethod
+    def symbolic(g, x, scale, signed: bool, clip: bool, clip_lo: float, clip_hi: float):
+        if clip:
+            lo = g.op("Constant", value_t=torch.tensor(clip_lo, dtype=torch.float32))
+            hi = g.op("Constant", value_t=torch.tensor(clip_hi, dtype=torch.float32))
+            x = g.op("Clip", x, lo, hi)
+        zp = _zero(g, torch.int8 if signed else torch.uint8, None)
+        q = g.op("QuantizeLinear", x, scale, zp)
+        return g.op("DequantizeLinear", q, scale, zp)
+
+
+class WeightDQ(nn.Module):
+    """Replaces a weight quantizer: ignores the FP weight, returns ``codes * scale``."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, lo: int, hi: int):
+        super().__init__()
+        self.register_buffer("codes", codes.to(torch.int64).to(_int_type(lo, hi)))
+        self.per_channel = scale.numel() > 1
+        self.register_buffer("scale", scale.float().reshape(-1) if self.per_channel else scale.float().reshape(()))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return DequantizeFunction.apply(self.codes, self.scale, self.per_channel).to(w.dtype)
+
+
+class ActQDQ(nn.Module):
+    """Replaces an activation quantizer of at most 8 bits by a Clip/QuantizeLinear/DequantizeLinear."""
+
+    def __init__(self, scale: torch.Tensor, lo: int, hi: int):
+        super().__init__()
+        self.register_buffer("scale", scale.detach().float().reshape(()).clone())
+        self.signed = lo < 0
+        info = torch.iinfo(torch.int8 if self.signed else torch.uint8)
+        self.clip = (lo, hi) != (info.min, info.max)
+        s = float(self.scale)
+        self.clip_lo, self.clip_hi = float(torch.tensor(lo * s, dtype=torch.float32)), \
+            float(torch.tensor(hi * s, dtype=torch.float32))
+        if self.clip_lo > self.clip_hi:  # pragma: no cover - a negative step size
+            raise ValueError("activation step size must be positive for ONNX export")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return QDQFunction.apply(x, self.scale, self.signed, self.clip, self.clip_lo, self.clip_hi)
+
+
+def qdq_model(model: nn.Module) -> tuple[nn.Module, dict]:
+    """In place on an eval copy: quantizers replaced by QDQ modules. Returns (model, counts)."""
+    counts = {"weight_dq": 0, "act_qdq": 0, "act_float": 0}
+    with torch.no_grad():
+        for _, layer in quantized_layers(model):
+            wq, iq = layer.weight_quantizer, layer.input_quantizer
+            if active(wq):
+                codes, scale = int_weight(layer)
+                lo, hi = wq.code_range
+                layer.weight_quantizer = WeightDQ(codes, scale, lo, hi)
+                counts["weight_dq"] += 1
+            else:
+                layer.weight_quantizer = None
+            if active(iq):
+                lo, hi = iq.code_range
+                if hi - lo < 256 and (lo >= 0 and hi <= 255 or lo >= -128 and hi <= 127):
+                    layer.input_quantizer = ActQDQ(iq.step_size.detach().reshape(-1)[:1], lo, hi)
+                    counts["act_qdq"] += 1
+                else:
+                    layer.input_quantizer = EvalQuant(iq)
+                    counts["act_float"] += 1
+            else:
+                layer.input_quantizer = None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, counts
+
+
+def export_onnx(model: nn.Module, path, example_input, *, opset: int = DEFAULT_OPSET,
+                dynamic_batch: bool = True, header: dict | None = None) -> dict:
+    """Write the QDQ ONNX model of an eval copy ``model`` (modified) to ``path`` atomically."""
+    import onnx
+
+    if opset not in OPSETS:
+        raise ValueError(f"opset={opset!r} is not allowed; allowed: {OPSETS.start}..{OPSETS.stop - 1} "
+                         "(the TorchScript-based exporter's range; QDQ needs 13+)")
+    model, counts = qdq_model(model)
+    args = as_args(example_input)
+    with torch.no_grad():
+        out = model(*args)
+    input_names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+    output_names = ["output"] if isinstance(out, torch.Tensor) else None
+    dynamic_axes = None
+    if dynamic_batch:
+        dynamic_axes = {n: {0: "batch"} for n in input_names + (output_names or [])}
+    with atomic_path(path) as tmp:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*TorchScript-based ONNX export.*")
+            warnings.filterwarnings("ignore", message=".*feature will be removed.*")
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            torch.onnx.export(model, args, tmp, dynamo=False, opset_version=opset,
+                              input_names=input_names, output_names=output_names,
+                              dynamic_axes=dynamic_axes, do_constant_folding=True)
+        proto = onnx.load(tmp)
+        if header is not None:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = "qtrainer", json.dumps(header, sort_keys=True)
+        onnx.checker.check_model(proto)
+        onnx.save(proto, tmp)
+    ops = [n.op_type for n in proto.graph.node]
+    return {"opset": opset, "quantize_linear": ops.count("QuantizeLinear"),
+            "dequantize_linear": ops.count("DequantizeLinear"), **counts}
