@@ -54,6 +54,23 @@ def batch_input(batch):
                      "pass QuantizationCallback(input_fn=...) to extract it")
 
 
+def peek_batch(loader, n: int = 8):
+    """A small batch from ``loader`` that leaves its iteration order and every random state as
+    they were: the first ``n`` items of a map-style dataset collated, a loader's own
+    ``example_batch(n)``, or else the first batch (global RNG restored)."""
+    if hasattr(loader, "example_batch"):
+        return loader.example_batch(n)
+    rng = torch.get_rng_state()
+    try:
+        dataset = getattr(loader, "dataset", None)
+        collate = getattr(loader, "collate_fn", None)
+        if collate is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
+            return collate([dataset[i] for i in range(min(n, len(dataset)))])
+        return next(iter(loader))
+    finally:
+        torch.set_rng_state(rng)
+
+
 class QuantizationCallback(Callback):
     """Quantize any LightningModule's conv/linear layers and train it with a recipe.
 
@@ -126,8 +143,8 @@ class QuantizationCallback(Callback):
             loader = source.dataloader() if source is not None and source.is_defined() else None
             if isinstance(loader, (list, tuple)):
                 loader = loader[0] if loader else None
-            return None if loader is None else self.input_fn(next(iter(loader)))
-        except (StopIteration, TypeError, ValueError) as err:
+            return None if loader is None else self.input_fn(peek_batch(loader))
+        except (StopIteration, TypeError, ValueError, IndexError) as err:
             warnings.warn(f"could not take an example input from the {stage} dataloader ({err}); "
                           "pass QuantizationCallback(example_input=...)", stacklevel=2)
             return None

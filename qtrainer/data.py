@@ -309,6 +309,12 @@ class DeviceLoader:
         """Make the next iteration use the shuffle and augmentation of ``epoch``."""
         self.epoch = epoch
 
+    def example_batch(self, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` images (normalized, not augmented) and labels; the epoch and every
+        random state are left untouched."""
+        x = _normalize(self.images[:n], self.mean, self.std)
+        return (x if self.channels_last else x.contiguous()), self.labels[:n]
+
     def __len__(self) -> int:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
@@ -411,7 +417,7 @@ class DataBundle:
 
 def _example_input(data: Dataset | DeviceLoader, n: int = 8) -> torch.Tensor:
     if isinstance(data, DeviceLoader):
-        return next(iter(data))[0][:n].cpu().contiguous()
+        return data.example_batch(n)[0].cpu().contiguous()
     return torch.stack([data[i][0] for i in range(min(n, len(data)))])
 
 

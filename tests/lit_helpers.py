@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning import pytorch as pl
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from qtrainer.data import default_cifar10_jpeg_root, load_npz_jpeg, stratified_indices
 from qtrainer.models import SmallCNN
@@ -33,6 +33,7 @@ class LitCNN(pl.LightningModule):
         self.net = SmallCNN(width=width)
         self.lr = lr
         self.n_optimizers = n_optimizers
+        self.automatic_optimization = n_optimizers == 1  # Lightning's rule for several
 
     def forward(self, x):
         return self.net(x)
@@ -54,7 +55,9 @@ class LitCNN(pl.LightningModule):
         return [opt, torch.optim.SGD(self.parameters(), lr=self.lr)]
 
 
-def loaders(train: TensorDataset, val: TensorDataset, batch_size: int = 128, shuffle: bool = True):
-    g = torch.Generator().manual_seed(0)
-    return (DataLoader(train, batch_size=batch_size, shuffle=shuffle, generator=g),
+def loaders(train: TensorDataset, val: TensorDataset, batch_size: int = 128):
+    """Train batches shuffled per epoch by a seeded, epoch-aware sampler (Lightning calls its
+    ``set_epoch``), so a resumed run sees the same batches as an uninterrupted one."""
+    sampler = DistributedSampler(train, num_replicas=1, rank=0, shuffle=True, seed=0)
+    return (DataLoader(train, batch_size=batch_size, sampler=sampler),
             DataLoader(val, batch_size=500))

@@ -27,6 +27,7 @@ NOISES = ("histogram", "uniform")
 WEIGHT_INITS = ("max_abs", "official")
 ROLES = ("weight", "input")
 HIST_BINS = 256
+LUT_SIZE = 1 << 16
 
 
 def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
@@ -148,13 +149,20 @@ class NIPQQuantizer(Quantizer):
             return u - 0.5
         with torch.no_grad():
             lo = -alpha if self.signed else torch.zeros_like(alpha)
-            inner = x[(x > lo) & (x < alpha)] / delta
-            err = torch.round(inner) - inner
+            r = x / delta
+            # elements outside (lo, alpha) get an error of 2, which histc ignores
+            err = torch.where((x > lo) & (x < alpha), torch.round(r) - r, 2.0)
             hist = torch.histc(err, bins=HIST_BINS, min=-0.5, max=0.5)
             if hist.sum() <= 0:
                 return u - 0.5
-            idx = torch.multinomial(hist, x.numel(), replacement=True, generator=self.generator)
-            return ((idx.view(x.shape) + u) / HIST_BINS - 0.5)
+            # a bin per element by inverse-CDF sampling through a lookup table of LUT_SIZE
+            # equal-probability cells (bin probabilities exact to 1/LUT_SIZE), then uniform
+            # inside the bin
+            cdf = torch.cumsum(hist, 0) / hist.sum()
+            grid = (torch.arange(LUT_SIZE, device=x.device) + 0.5) / LUT_SIZE
+            lut = torch.searchsorted(cdf, grid, right=True).clamp_(max=HIST_BINS - 1)
+            pick = torch.randint(LUT_SIZE, x.shape, generator=self.generator, device=x.device)
+            return (lut[pick] + u) / HIST_BINS - 0.5
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.noisy:
