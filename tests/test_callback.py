@@ -211,3 +211,20 @@ def test_accumulation_and_bf16_with_mixed_precision_loss(data):
     theta = [q.theta_b for _, q in quantizers(module)]
     assert any(p.item() != 0.0 for p in theta)  # the resource loss moved the bits
     assert torch.isfinite(torch.stack([p for _, q in quantizers(module) for p in q.parameters()])).all()
+
+
+def test_lightning_cli_adds_the_callback(data):
+    from lightning.pytorch.cli import LightningCLI
+
+    cli = LightningCLI(LitCNN, run=False, args=[
+        "--trainer.callbacks+=qtrainer.QuantizationCallback",
+        "--trainer.callbacks.recipe=lsq-3bit",
+        "--trainer.callbacks.overrides={phases.epochs: 1}",
+        "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+        "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false", "--model.width=8"])
+    cbs = [c for c in cli.trainer.callbacks if isinstance(c, QuantizationCallback)]
+    assert len(cbs) == 1 and cbs[0].recipe.bits.weight == 3 and cbs[0].recipe.phases.epochs == 1
+    cli.trainer.fit(cli.model, *loaders(*data))
+    bits = sorted({m.weight_quantizer.bits for m in cli.model.modules() if isinstance(m, QuantizedLayer)})
+    assert bits == [3, 8]
