@@ -1,0 +1,411 @@
+"""The ``qtrainer`` command line (typer).
+
+Exit codes: 0 success; 2 bad input (a one-paragraph message naming the key, no traceback
+unless ``--debug``); 1 failure (training error, interruption: the message says how to resume).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .recipes import RecipeError
+
+EXIT_BAD_INPUT, EXIT_FAILURE = 2, 1
+
+app = typer.Typer(
+    name="qtrainer", add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+    pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]},
+    help="""Quantization-aware training (LSQ, NIPQ, noise tempering) with PyTorch Lightning.
+
+\b
+Examples:
+  qtrainer run recipes/quickstart.yaml            # offline demo, about a minute on a CPU
+  qtrainer run my_run.yaml trainer.max_epochs=1 recipe.bits.weight=2
+  qtrainer run my_run.yaml --resume               # continue an interrupted run
+  qtrainer recipes                                # the available recipes
+  qtrainer show lsq-4bit                          # a recipe, fully resolved
+  qtrainer validate my_run.yaml
+  qtrainer report runs/quickstart
+""")
+recipes_app = typer.Typer(
+    add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]})
+app.add_typer(recipes_app, name="recipes")
+
+_STATE = {"debug": False}
+
+
+class BadInput(Exception):
+    """A user error outside the run-file schema (e.g. a missing file)."""
+
+
+def _fail(code: int, message: str, exc: BaseException | None = None) -> None:
+    if exc is not None and _STATE["debug"]:
+        traceback.print_exception(exc)
+    typer.echo(message, err=True)
+    raise typer.Exit(code)
+
+
+def _describe(err: RecipeError) -> str:
+    where = f"{err.source}: " if err.source else ""
+    key = "" if err.key_path in ("<root>",) else f" [key: {err.key_path}]"
+    return f"error: {where}{err.detail}{key}"
+
+
+def handle_errors(fn):
+    """Map exceptions to exit codes: bad input 2, anything else 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except RecipeError as e:
+            _fail(EXIT_BAD_INPUT, _describe(e), e)
+        except (BadInput, FileNotFoundError, IsADirectoryError) as e:
+            _fail(EXIT_BAD_INPUT, f"error: {e}", e)
+        except KeyboardInterrupt as e:
+            _fail(EXIT_FAILURE, "interrupted", e)
+        except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
+            hint = "" if _STATE["debug"] else " (run with --debug for the traceback)"
+            _fail(EXIT_FAILURE, f"failed: {type(e).__name__}: {e}{hint}", e)
+
+    return wrapper
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")):
+    """qtrainer: quantization-aware training with recipes."""
+    _STATE["debug"] = debug
+
+
+def _lightning_logs() -> None:
+    if not _STATE["debug"]:
+        from .trainer import quiet_lightning
+
+        quiet_lightning()
+
+
+def _overrides(items: Optional[List[str]]) -> dict:
+    from .recipes import parse_overrides
+
+    return parse_overrides(items or [])
+
+
+def _read(path: str) -> dict:
+    from .runfile import read_run_file
+
+    if not Path(path).exists():
+        raise BadInput(f"file {path!r} does not exist")
+    return read_run_file(path)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+@app.command()
+@handle_errors
+def run(
+    file: str = typer.Argument(..., help="The run file (YAML)."),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="Dotted overrides KEY=VALUE across the run file (values are YAML)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its "
+                                "last checkpoints (at most the current epoch is lost)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start again in an output folder "
+                                   "that holds checkpoints of an earlier run."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o",
+                                             help="Override output_dir."),
+):
+    """Train: FP pretraining (or a checkpoint), then QAT with each recipe of the run file.
+
+    Writes OUTPUT_DIR/run.yaml (the resolved run file), checkpoints/last.ckpt and best.ckpt,
+    metrics.csv, logs/ (CSV, TensorBoard if installed), summary.json, plots/*.png and
+    export/; further recipes of 'compare:' go to OUTPUT_DIR/compare/NAME/. Ends with a table
+    of FP vs quantized accuracy, average bits, size and GBOPs.
+
+    \b
+    Examples:
+      qtrainer run recipes/quickstart.yaml
+      qtrainer run recipes/cifar10_resnet20_lsq.yaml data.root=/data/cifar10-jpeg
+      qtrainer run run.yaml trainer.max_epochs=1 recipe.bits.weight=2 data.subset_per_class=50
+      qtrainer run run.yaml --resume          # after Ctrl-C or a kill
+    """
+    from .runfile import load_run_file
+    from .trainer import run as run_config
+
+    _lightning_logs()
+    items = dict(_overrides(overrides))
+    if output_dir is not None:
+        items["output_dir"] = output_dir
+    if not Path(file).is_file():
+        raise BadInput(f"run file {file!r} does not exist")
+    cfg = load_run_file(file, items)
+    try:
+        run_config(cfg, resume=resume, overwrite=overwrite, echo=typer.echo)
+    except SystemExit as e:  # Lightning turns Ctrl-C into sys.exit(1) after saving state
+        args = " ".join([file, *(overrides or [])])
+        _fail(EXIT_FAILURE, f"interrupted; continue with: qtrainer run {args} --resume "
+                            f"(output in {cfg.output_dir})", e)
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+@recipes_app.callback(invoke_without_command=True)
+@handle_errors
+def recipes(ctx: typer.Context):
+    """List the available recipes: name, method, bits, description, source.
+
+    Recipes come from the built-ins, the folders of $QTRAINER_RECIPE_PATH, the
+    'qtrainer.recipes' entry points of installed packages and register_recipe().
+
+    \b
+    Examples:
+      qtrainer recipes
+      qtrainer recipes copy lsq-4bit my-lsq.yaml
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from .recipes import list_recipes
+
+    infos = list_recipes()
+    rows = [("name", "method", "bits W/A", "source", "description")]
+    for i in infos:
+        desc = " ".join(i.description.split())
+        rows.append((i.name, i.method, f"{i.weight_bits}/{i.act_bits}", i.source,
+                     desc if len(desc) <= 70 else desc[:67] + "..."))
+    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+    for n, r in enumerate(rows):
+        typer.echo("  ".join(r[c].ljust(widths[c]) for c in range(4)) + "  " + r[4])
+        if n == 0:
+            typer.echo("  ".join("-" * w for w in widths) + "  " + "-" * 11)
+
+
+@recipes_app.command("copy")
+@handle_errors
+def recipes_copy(
+    name: str = typer.Argument(..., help="A recipe name (or path)."),
+    file: str = typer.Argument(..., help="Where to write the YAML."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace an existing file."),
+):
+    """Write a recipe, fully resolved, to FILE to edit it (rename it before registering it).
+
+    \b
+    Examples:
+      qtrainer recipes copy lsq-4bit my-lsq.yaml
+      qtrainer run my_run.yaml recipe=my-lsq.yaml
+    """
+    from .atomic import write_text_atomic
+    from .recipes import load_recipe
+
+    recipe = load_recipe(name)
+    if Path(file).exists() and not force:
+        raise BadInput(f"{file!r} exists; pass --force to replace it")
+    Path(file).parent.mkdir(parents=True, exist_ok=True)
+    text = f"# copied from recipe '{recipe.name}'; give it a new name before publishing it\n"
+    write_text_atomic(file, text + recipe.to_yaml())
+    typer.echo(f"wrote {file}")
+
+
+# ----------------------------------------------------------------------------- show, validate
+
+
+@app.command()
+@handle_errors
+def show(
+    ref: str = typer.Argument(..., metavar="NAME|FILE",
+                              help="A recipe name, a recipe file or a run file."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides KEY=VALUE."),
+):
+    """Print a recipe (or a run file) fully resolved: extends, overrides and defaults applied.
+
+    \b
+    Examples:
+      qtrainer show lsq-4bit
+      qtrainer show nipq-mp-4bit mixed_precision.value=3
+      qtrainer show recipes/quickstart.yaml trainer.max_epochs=2
+    """
+    from .recipes import load_recipe
+    from .recipes.io import is_path_reference
+    from .runfile import is_run_file, load_run_file
+
+    items = _overrides(overrides)
+    if is_path_reference(ref) or Path(ref).is_file():
+        raw = _read(ref)
+        if is_run_file(raw):
+            typer.echo(load_run_file(ref, items).to_yaml(), nl=False)
+            return
+    typer.echo(load_recipe(ref, overrides=items).to_yaml(), nl=False)
+
+
+@app.command()
+@handle_errors
+def validate(
+    file: str = typer.Argument(..., help="A run file or a recipe file."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides KEY=VALUE."),
+):
+    """Check a run file or recipe file without running it (exit 2 with the key on errors).
+
+    \b
+    Examples:
+      qtrainer validate recipes/lsq_resnet18.yaml
+      qtrainer validate my-recipe.yaml
+    """
+    from .recipes import load_recipe
+    from .runfile import is_run_file, load_run_file
+
+    raw = _read(file)
+    items = _overrides(overrides)
+    if is_run_file(raw):
+        cfg = load_run_file(file, items)
+        names = ", ".join(f"{r.name} ({r.method.name}, {r.phases.epochs} epochs)"
+                          for r in cfg.recipes)
+        typer.echo(f"ok: run file {file}: recipes {names}; model "
+                   f"{cfg.model.get('name') or cfg.model.get('class_path')}; data "
+                   f"{cfg.data['name']}; output {cfg.output_dir}")
+    else:
+        recipe = load_recipe(file, overrides=items)
+        typer.echo(f"ok: recipe {recipe.name} ({recipe.method.name}, hash "
+                   f"{recipe.content_hash()}) in {file}")
+
+
+# ----------------------------------------------------------------------------- eval, export
+
+
+def _checkpoint_config(ckpt: str, run_file: Optional[str]):
+    from .runfile import load_run_file
+    from .trainer import find_run_file
+
+    if not Path(ckpt).is_file():
+        raise BadInput(f"checkpoint {ckpt!r} does not exist")
+    path = Path(run_file) if run_file else find_run_file(ckpt)
+    if not path.is_file():
+        raise BadInput(f"run file {str(path)!r} does not exist")
+    return load_run_file(path)
+
+
+@app.command("eval")
+@handle_errors
+def eval_(
+    ckpt: str = typer.Argument(..., help="A checkpoint of a run (last.ckpt, best.ckpt, fp.ckpt)."),
+    run_file: Optional[str] = typer.Option(None, "--run-file", help="Default: the run.yaml "
+                                           "next to or above the checkpoint."),
+    split: str = typer.Option("test", "--split", help="test or val."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Evaluate a checkpoint on the run's data (the data and model are rebuilt from run.yaml).
+
+    \b
+    Examples:
+      qtrainer eval runs/quickstart/checkpoints/best.ckpt
+      qtrainer eval runs/quickstart/fp.ckpt --split val --json
+    """
+    from .trainer import _bundle_loaders, evaluate_module, load_checkpoint_model
+
+    _lightning_logs()
+    if split not in ("test", "val"):
+        raise BadInput(f"--split {split!r}: allowed: test, val")
+    cfg = _checkpoint_config(ckpt, run_file)
+    module, bundle, quantized = load_checkpoint_model(ckpt, cfg)
+    _, val, test = _bundle_loaders(bundle, cfg.seed)
+    loader = test if split == "test" else val
+    if loader is None:
+        raise BadInput("the run's data has no validation split (data.val_size is 0)")
+    metrics = evaluate_module(module, loader, {"enable_progress_bar": False,
+                                               **{k: v for k, v in cfg.trainer.items()
+                                                  if k == "accelerator"}})
+    out = {"checkpoint": ckpt, "split": split, "quantized": quantized, **metrics}
+    if quantized:
+        from .resources import summarize
+
+        out.update(summarize(module).to_dict())
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+    else:
+        kind = f"quantized ({cfg.recipe.name})" if quantized else "full precision"
+        typer.echo(f"{ckpt}: {kind}, {split} top-1 {100 * metrics['acc']:.2f}%, top-5 "
+                   f"{100 * metrics['acc_top5']:.2f}%, loss {metrics['loss']:.4f}")
+
+
+@app.command("export")
+@handle_errors
+def export_(
+    ckpt: str = typer.Argument(..., help="A QAT checkpoint of a run."),
+    format: str = typer.Option("int", "--format", "-f",
+                               help="int | onnx | torchscript | exported_program"),
+    output: Optional[str] = typer.Option(None, "--output", "-o",
+                                         help="Default: RUN_DIR/export/model.<ext>."),
+    run_file: Optional[str] = typer.Option(None, "--run-file", help="Default: the run.yaml "
+                                           "next to or above the checkpoint."),
+    fold_bn: bool = typer.Option(False, "--fold-bn", help="Fold BatchNorm into conv weights."),
+):
+    """Export a quantized checkpoint (integer safetensors, QDQ ONNX, TorchScript, ExportedProgram).
+
+    \b
+    Examples:
+      qtrainer export runs/quickstart/checkpoints/best.ckpt --format int
+      qtrainer export runs/quickstart/checkpoints/best.ckpt --format onnx -o model.onnx
+    """
+    from .export import export as export_model
+    from .runfile import EXPORT_FORMATS
+    from .trainer import load_checkpoint_model
+
+    if format not in EXPORT_FORMATS:
+        raise BadInput(f"--format {format!r}: allowed: {', '.join(EXPORT_FORMATS)}")
+    cfg = _checkpoint_config(ckpt, run_file)
+    module, bundle, quantized = load_checkpoint_model(ckpt, cfg)
+    if not quantized:
+        raise BadInput(f"{ckpt} is a full-precision checkpoint; export takes a QAT checkpoint")
+    ext = {"int": "safetensors", "onnx": "onnx", "torchscript": "ts.pt",
+           "exported_program": "pt2"}[format]
+    path = Path(output) if output else Path(cfg.output_dir) / "export" / f"model.{ext}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"recipe": cfg.recipe.name, "recipe_hash": cfg.recipe.content_hash(),
+            "checkpoint": os.path.abspath(ckpt)}
+    report = export_model(module.model, path, format=format, example_input=bundle.example_input,
+                          fold_bn=fold_bn, metadata=meta)
+    typer.echo(f"wrote {path} ({report.get('file_bytes', path.stat().st_size)} bytes, {format})")
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@app.command()
+@handle_errors
+def report(
+    run_dir: str = typer.Argument(..., help="A run's output folder."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Rewrite the PNG plots."),
+):
+    """Print a finished run's table and (re)write its plots (needs matplotlib).
+
+    \b
+    Examples:
+      qtrainer report runs/quickstart
+    """
+    from .report import report as make_report
+
+    if not Path(run_dir).is_dir():
+        raise BadInput(f"run folder {run_dir!r} does not exist")
+    table, written, note = make_report(run_dir, plots=plots)
+    typer.echo(table)
+    for path in written:
+        typer.echo(f"plot: {path}")
+    if note:
+        typer.echo(f"no plots: {note}")
+
+
+def entry() -> None:  # pragma: no cover - python -m qtrainer.cli
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
