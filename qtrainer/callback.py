@@ -39,6 +39,12 @@ from .versions import package_versions
 PHASE_NOISE, PHASE_HARD = "noise", "hard"
 
 
+class QuantizationFault(RuntimeError):
+    """Training produced a value QAT cannot continue from (non-finite loss or gradient, a step
+    size or alpha that is non-positive or non-finite). The message names the layer, the
+    parameter, the value and the optimizer step."""
+
+
 def batch_input(batch):
     """The model input of a batch: the batch itself if a tensor, its first element if a tuple
     or list, ``batch["input"|"inputs"|"x"|"image"]`` if a mapping."""
@@ -99,6 +105,7 @@ class QuantizationCallback(Callback):
         self.report = []
         self.phase = PHASE_NOISE
         self.lambda_schedule: ExponentialDecay | None = None
+        self.skipped_steps: list[int] = []
         self._module: pl.LightningModule | None = None
 
     # ------------------------------------------------------------------ properties
@@ -292,7 +299,52 @@ class QuantizationCallback(Callback):
                 q.set_lambda(value)
         self.current_lambda = value
 
+    # ------------------------------------------------------------------ faults
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        """Stop (or skip the step, if the recipe says ``faults.on_nonfinite: skip``) when a
+        gradient is nan/inf. Skipping drops every gradient, so the optimizer leaves all
+        parameters and its state as they were. fp16 loss scaling handles its own infs."""
+        if str(trainer.precision).startswith("16"):
+            return
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+            return
+        name, value = next((n, p.grad) for n, p in pl_module.named_parameters()
+                           if p.grad is not None and not bool(torch.isfinite(p.grad).all()))
+        bad = value[~torch.isfinite(value)].flatten()[0].item()
+        where = f"non-finite gradient of {name} ({bad}) at optimizer step {trainer.global_step}"
+        if self.recipe.faults.on_nonfinite == "skip":
+            self.skipped_steps.append(trainer.global_step)
+            warnings.warn(f"{where}: step skipped (faults.on_nonfinite=skip)", stacklevel=2)
+            optimizer.zero_grad(set_to_none=True)
+            return
+        raise QuantizationFault(f"{where}; the loss or the model diverged. The run stops here and "
+                                "the last checkpoint is intact (set faults.on_nonfinite=skip to "
+                                "skip such steps)")
+
+    def _check_quantizers(self, trainer, pl_module) -> None:
+        """Every quantizer parameter finite and every step size positive, else stop."""
+        named = list(quantizers(pl_module))
+        if not named:
+            return
+        values = torch.cat([p.detach().float().reshape(-1) for _, q in named for p in q.parameters()]
+                           + [q.step_size.detach().float().reshape(-1) for _, q in named])
+        steps = torch.cat([q.step_size.detach().float().reshape(-1) for _, q in named])
+        if bool(torch.isfinite(values).all()) and bool((steps > 0).all()):
+            return
+        for name, q in named:
+            for pname, p in [*q.named_parameters(), ("step_size", q.step_size)]:
+                t = p.detach().float().reshape(-1)
+                bad = ~torch.isfinite(t) | ((t <= 0) if pname in ("step", "step_size") else False)
+                if bool(bad.any()):
+                    raise QuantizationFault(
+                        f"quantizer {name}: parameter {pname} became {t[bad][0].item()} at "
+                        f"optimizer step {trainer.global_step - 1} (step sizes must be positive and "
+                        "finite); the run stops here and the last checkpoint is intact. Lower the "
+                        "learning rate or check the data")
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._check_quantizers(trainer, pl_module)
         phases = self.recipe.phases
         last_batch = batch_idx == trainer.num_training_batches - 1
         if (not self.is_nipq and phases.bn_reestimation_batches and last_batch
@@ -374,4 +426,4 @@ class QuantizationCallback(Callback):
                                   "recipe_name": self.recipe.name, "versions": package_versions()}
 
 
-__all__ = ["QuantizationCallback", "batch_input"]
+__all__ = ["QuantizationCallback", "QuantizationFault", "batch_input", "peek_batch"]
