@@ -237,9 +237,18 @@ def _unknown(key: object, allowed, path: str) -> RunFileError:
 
 def _as_run_error(err: RecipeError, prefix: str) -> RunFileError:
     """A recipe problem, re-addressed under ``prefix`` (``recipe``, ``compare[1]``)."""
-    key = prefix if err.key_path in (ROOT, "name") else f"{prefix}.{err.key_path}"
-    where = f" ({err.source})" if err.source else ""
-    return RunFileError(key, f"{prefix}{where}: {err.detail}")
+    if err.key_path in (ROOT, "name"):
+        where = f" ({err.source})" if err.source else ""
+        return RunFileError(prefix, f"{prefix}{where}: {err.detail}")
+    key = f"{prefix}.{err.key_path}"
+    detail = err.detail.replace(f"'{err.key_path}'", f"'{key}'")
+    if detail.startswith(f"{err.key_path}:"):
+        detail = f"{prefix}.{detail}"
+    elif not detail.startswith(("unknown key", "missing required key")) or key not in detail:
+        detail = f"{prefix}: {detail}"
+    if err.source:
+        detail += f" (in {err.source})"
+    return RunFileError(key, detail)
 
 
 def is_run_file(raw: Mapping) -> bool:

@@ -34,7 +34,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .atomic import atomic_write, write_text_atomic
-from .callback import QuantizationCallback
+from .callback import QuantizationCallback, batch_input
+
+try:
+    from .callback import peek_batch
+except ImportError:  # pragma: no cover - older callback module
+    def peek_batch(loader, n: int = 8):
+        return next(iter(loader))
 from .lit_module import ClassificationModule
 from .nn import QuantizedLayer
 from .recipes import Recipe, RecipeError, load_recipe
@@ -139,14 +145,10 @@ def make_loader(data, batch_size: int, train: bool, seed: int = 0, num_workers: 
 
 
 def _first_input(loader) -> Any:
-    batch = next(iter(loader))
-    if isinstance(batch, (tuple, list)):
-        return batch[0]
-    if isinstance(batch, Mapping):
-        for key in ("input", "inputs", "x", "image"):
-            if key in batch:
-                return batch[key]
-    return batch
+    """The model input of a small first batch, leaving the loader's order and RNG untouched."""
+    if isinstance(loader, pl.LightningDataModule):
+        loader = loader.train_dataloader()
+    return batch_input(peek_batch(loader))
 
 
 def _cpu(x):
