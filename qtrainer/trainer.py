@@ -131,9 +131,25 @@ def _is_loader(data) -> bool:
         not isinstance(data, Dataset) and isinstance(data, Iterable) and hasattr(data, "__len__"))
 
 
+class _Batches:
+    """A list of batches as one loader (Lightning would take a list for several loaders)."""
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def make_loader(data, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0):
-    """A loader for ``data``: DataLoaders and other iterables of batches are used as they are;
-    a Dataset gets a DataLoader (training: :class:`EpochShuffleSampler`)."""
+    """A loader for ``data``: DataLoaders and other iterables of batches are used as they are
+    (a list or tuple of batches as one loader); a Dataset gets a DataLoader (training:
+    :class:`EpochShuffleSampler`)."""
+    if isinstance(data, (list, tuple)):
+        return _Batches(data)
     if data is None or _is_loader(data):
         return data
     if not isinstance(data, Dataset):
