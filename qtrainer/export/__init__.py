@@ -10,6 +10,7 @@ Depends on quantizers/nn/surgery only.
 
 from __future__ import annotations
 
+import json
 import os
 
 from torch import nn
@@ -35,9 +36,9 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "int", *, ex
             by every format except ``int``.
         fold_bn: fold eval-mode BatchNorm into the preceding conv/linear before exporting
             (weight codes kept, per-channel step adjusted; see :mod:`qtrainer.export.fold_bn`):
-            ``True``/``"int"`` puts the folded bias on the int32 accumulator grid
-            ``s_in * s_w`` (what integer runtimes and onnxruntime compute), ``"float"`` keeps it
-            in float (closest to the unfolded model in PyTorch).
+            ``True``/``"float"`` keeps the folded bias in float (closest to the unfolded model),
+            ``"int"`` rounds it to the int32 accumulator grid ``s_in * s_w`` as integer
+            runtimes store it (ONNX: int32 bias codes; costs accuracy at low bit-widths).
         metadata: JSON-serializable dict stored in the file's header (``recipe_hash`` is also
             copied to the top level).
         opset: ONNX opset, 13..20 (``onnx`` only).
@@ -58,8 +59,12 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "int", *, ex
         raise ValueError(f"format={format!r} needs example_input (a batch to trace the model with)")
     if metadata is not None and not isinstance(metadata, dict):
         raise ValueError(f"metadata must be a dict, got {type(metadata).__name__}")
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"metadata must be JSON-serializable (strings, numbers, lists, dicts): {e}") from None
     if fold_bn is True:
-        fold_bn = "int"
+        fold_bn = "float"
     elif fold_bn is not False and fold_bn is not None:
         check_choice("fold_bn", fold_bn, BIAS_MODES)
     path = os.fspath(path)

@@ -10,13 +10,12 @@ step ``s_c = s * f_c`` (fp32), and the weight is set to ``codes * s_c``. A negat
 gives a negative per-channel step (the codes are unchanged; ``codes * s_c`` is still the
 folded weight). The input quantizer is unchanged.
 
-Bias (``bias=``): ``"int"`` (default) rounds ``b'`` of a layer whose input and weight are both
+Bias (``bias=``): ``"float"`` (default) keeps ``b'`` as computed, so the folded model is
+closest to the unfolded one. ``"int"`` rounds ``b'`` of a layer whose input and weight are both
 quantized to the int32 accumulator grid ``s_in * s_c`` (fp32 product), the way integer runtimes
-store a bias; onnxruntime (QDQ ``WeightBiasQuantization``) does this rounding itself to any
-float conv bias fed by DequantizeLinear, so with ``"int"`` PyTorch and onnxruntime compute the
-same folded model. ``"float"`` keeps ``b'`` as computed: the folded PyTorch model is then
-closest to the unfolded one, but onnxruntime's own bias rounding makes it deviate there.
-Either way the folded model is only numerically close to the unfolded one, not bit-identical.
+store a bias (the ONNX export then stores it as int32 codes); it costs accuracy at low bit-widths
+(the grid is coarse when ``s_in`` is). Either way the folded model is only numerically close to
+the unfolded one, not bit-identical.
 
 Pairs are found with ``torch.fx`` (quantized layers are leaves): a conv/linear whose only user
 is a BN module used nowhere else. A BN without running statistics is left as it is.
@@ -91,11 +90,11 @@ BIAS_MODES = ("int", "float")
 
 
 @torch.no_grad()
-def fold_batchnorm(model: nn.Module, bias: str = "int") -> list[tuple[str, str]]:
+def fold_batchnorm(model: nn.Module, bias: str = "float") -> list[tuple[str, str]]:
     """Fold every foldable BN of an eval-mode ``model`` in place (see the module docstring).
 
-    ``bias="int"`` puts the folded bias of layers with quantized input and weight on the int32
-    accumulator grid ``s_in * s_w``; ``"float"`` keeps it as computed.
+    ``bias="float"`` keeps the folded bias as computed; ``"int"`` puts the folded bias of layers
+    with quantized input and weight on the int32 accumulator grid ``s_in * s_w``.
     Returns the folded ``(layer_name, bn_name)`` pairs. Call it on a copy to keep the original.
     """
     check_choice("bias", bias, BIAS_MODES)

@@ -19,8 +19,8 @@ Tensors (keys follow the model's state dict):
   NIPQ ``theta_a``/``theta_b``/``fixed_bits``), biases, BatchNorm, non-quantized layers.
 
 Metadata key ``qtrainer`` holds a JSON header: ``format`` (``qtrainer-int``), ``version``,
-``recipe_hash`` and ``metadata`` (from the ``metadata`` argument), ``sha256`` (of all tensor
-names, dtypes, shapes and bytes, checked on load), ``folded_bn``, and ``layers``: one entry per
+``recipe_hash`` and ``metadata`` (from the ``metadata`` argument), ``sha256`` (of the rest of
+the header and all tensor names, dtypes, shapes and bytes; checked on load), ``folded_bn``, and ``layers``: one entry per
 quantized layer with ``name``, ``kind``, ``method``, ``position``, ``weight_bits``,
 ``act_bits``, ``signed_input``, ``weight_shape`` and the full ``weight``/``input`` quantizer
 descriptions (bits, signed, code range, storage dtype and packing, constructor arguments).
@@ -109,8 +109,11 @@ def decode_codes(stored: torch.Tensor, entry: dict, shape: list[int]) -> torch.T
 
 
 # -- writing ----------------------------------------------------------------------------------
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], header: dict) -> str:
+    """sha256 over the header (without its ``sha256`` entry) and every tensor's name, dtype,
+    shape and bytes."""
     h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())
     for key in sorted(tensors):
         t = tensors[key].detach().cpu().contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -196,7 +199,8 @@ def build_int(model: nn.Module, metadata: dict | None = None,
     header = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
               "recipe_hash": meta.get("recipe_hash"), "metadata": meta,
               "torch": torch.__version__, "folded_bn": [list(p) for p in (folded or [])],
-              "layers": layers, "sha256": _digest(tensors)}
+              "layers": layers}
+    header["sha256"] = _digest(tensors, header)
     sizes = {}
     for key, t in tensors.items():
         c = sizes.setdefault(category[key], {"bytes": 0, "fp32_bytes": 0, "tensors": 0})
@@ -267,8 +271,8 @@ def read_int(path) -> tuple[dict[str, torch.Tensor], dict]:
     for key in ("layers", "sha256", "folded_bn"):
         if key not in header:
             raise _bad(path, f"header has no {key!r}")
-    if _digest(tensors) != header["sha256"]:
-        raise _bad(path, "tensor checksum mismatch (the file was modified or damaged)")
+    if _digest(tensors, header) != header["sha256"]:
+        raise _bad(path, "checksum mismatch of header and tensors (the file was modified or damaged)")
     return tensors, header
 
 

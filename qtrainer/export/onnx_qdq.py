@@ -17,6 +17,13 @@ graph is what torch exports.
   beyond this exporter, so this is the form onnxruntime CPU runs everywhere.
 - Inputs above 8 bits (no int16 QuantizeLinear before opset 21): the quantizer's own math as
   float ops (``Div, Clip, Round, Mul``), exact.
+- Biases of layers with quantized input and weight: an ``int32`` initializer through
+  ``DequantizeLinear(scale = s_in * s_w, axis=0)`` into the Conv/Gemm when the bias lies on
+  that accumulator grid (``fold_bn="int"``), otherwise a float ``Add`` after the layer.
+  onnxruntime (>= 1.20, ``WeightBiasQuantization``, on by default) rounds a float Conv bias fed
+  by DequantizeLinear inputs to ``s_in * s_w`` by itself, which moves outputs by up to half an
+  accumulator step and flips activation codes downstream; the separate ``Add`` keeps
+  onnxruntime's result equal to PyTorch's.
 
 Numerics: QuantizeLinear computes ``round_half_even(x / s)``, as LSQ does (``x / s``, not
 ``x * (1/s)``; checked against onnxruntime CPU). NIPQ computes ``round(n * clamp(x/alpha))`` and
@@ -27,9 +34,11 @@ rounding of a rounding boundary (measured parity in tests/test_export.py).
 from __future__ import annotations
 
 import json
+import types
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..atomic import atomic_path
@@ -125,12 +134,67 @@ class ActQDQ(nn.Module):
         return QDQFunction.apply(x, self.scale, self.signed, self.clip, self.clip_lo, self.clip_hi)
 
 
+def _bias_on_grid(layer) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(k int32, grid)`` when the layer's bias is exactly ``k * (s_in * s_w)`` in fp32 (e.g.
+    after ``fold_bn="int"``), else None."""
+    wq, iq = layer.weight_quantizer, layer.input_quantizer
+    s_in = iq.step_size.detach().float().reshape(-1)
+    if s_in.numel() != 1:
+        return None
+    bias = layer.bias.detach().float()
+    grid = (s_in * wq.step_size.detach().float().reshape(-1)).expand(bias.shape[0]).contiguous()
+    k = torch.round(bias.double() / grid.double())
+    if not torch.isfinite(k).all() or k.abs().max() >= 2**24 or not torch.equal(k.float() * grid, bias):
+        return None
+    return k.to(torch.int32), grid
+
+
+class BiasDQ(nn.Module):
+    """An int32 bias on the accumulator grid: ``DequantizeLinear(k, s_in * s_w, axis=0)``."""
+
+    def __init__(self, k: torch.Tensor, grid: torch.Tensor):
+        super().__init__()
+        self.register_buffer("codes", k)
+        self.register_buffer("scale", grid)
+
+    def forward(self) -> torch.Tensor:
+        return DequantizeFunction.apply(self.codes, self.scale, True)
+
+
+def _qdq_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """Forward of a QDQ layer whose bias is an int32 DequantizeLinear (``bias_dq``) or a float
+    ``Add`` after the conv/matmul (``bias_add``)."""
+    xq, w = self.quantized_input(x), self.quantized_weight()
+    b = self.bias_dq() if self.bias_dq is not None else None
+    y = F.linear(xq, w, b) if isinstance(self, nn.Linear) else self._conv_forward(xq, w, b)
+    if self.bias_add is not None:
+        add = self.bias_add if isinstance(self, nn.Linear) else self.bias_add.view(-1, *([1] * (y.dim() - 2)))
+        y = y + add
+    return y
+
+
 def qdq_model(model: nn.Module) -> tuple[nn.Module, dict]:
-    """In place on an eval copy: quantizers replaced by QDQ modules. Returns (model, counts)."""
-    counts = {"weight_dq": 0, "act_qdq": 0, "act_float": 0}
+    """In place on an eval copy: quantizers replaced by QDQ modules. Returns (model, counts).
+
+    The bias of a layer with quantized input and weight is emitted as an int32
+    ``DequantizeLinear`` when it lies on the accumulator grid ``s_in * s_w`` (``fold_bn="int"``),
+    else as a float ``Add`` after the layer: onnxruntime rounds a float Conv bias fed by QDQ
+    inputs to that grid itself (its ``WeightBiasQuantization`` transformer), which would move
+    the outputs away from PyTorch's.
+    """
+    counts = {"weight_dq": 0, "act_qdq": 0, "act_float": 0, "bias_int32": 0, "bias_add": 0}
     with torch.no_grad():
         for _, layer in quantized_layers(model):
             wq, iq = layer.weight_quantizer, layer.input_quantizer
+            bias_dq = bias_add = None
+            if active(wq) and active(iq) and layer.bias is not None:
+                on_grid = _bias_on_grid(layer)
+                if on_grid is not None:
+                    bias_dq = BiasDQ(*on_grid)
+                    counts["bias_int32"] += 1
+                else:
+                    bias_add = layer.bias.detach().clone()
+                    counts["bias_add"] += 1
             if active(wq):
                 codes, scale = int_weight(layer)
                 lo, hi = wq.code_range
@@ -148,6 +212,11 @@ def qdq_model(model: nn.Module) -> tuple[nn.Module, dict]:
                     counts["act_float"] += 1
             else:
                 layer.input_quantizer = None
+            if bias_dq is not None or bias_add is not None:
+                layer.bias = None
+                layer.bias_dq = bias_dq
+                layer.register_buffer("bias_add", bias_add)
+                layer.forward = types.MethodType(_qdq_forward, layer)
     for p in model.parameters():
         p.requires_grad_(False)
     return model, counts
@@ -175,6 +244,8 @@ def export_onnx(model: nn.Module, path, example_input, *, opset: int = DEFAULT_O
             warnings.filterwarnings("ignore", message=".*TorchScript-based ONNX export.*")
             warnings.filterwarnings("ignore", message=".*feature will be removed.*")
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated.*")
+            warnings.filterwarnings("ignore", message=".*Constant folding.*")
             torch.onnx.export(model, args, tmp, dynamo=False, opset_version=opset,
                               input_names=input_names, output_names=output_names,
                               dynamic_axes=dynamic_axes, do_constant_folding=True)

@@ -24,13 +24,15 @@ def export_torchscript(model: nn.Module, path, example_input, *, header: dict | 
     """``torch.jit.trace`` of the baked eval copy ``model`` (modified), saved atomically."""
     model = bake_fake_quant(model)
     args = as_args(example_input)
+    extra = {EXTRA_FILE: json.dumps(header or {}, sort_keys=True)}
     with warnings.catch_warnings():
+        # TorchScript is deprecated in favour of torch.export; the user asked for it explicitly
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated.*")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         with torch.no_grad():
             traced = torch.jit.trace(model, args, check_trace=False)
-    extra = {EXTRA_FILE: json.dumps(header or {}, sort_keys=True)}
-    with atomic_path(path) as tmp:
-        torch.jit.save(traced, tmp, _extra_files=extra)
+        with atomic_path(path) as tmp:
+            torch.jit.save(traced, tmp, _extra_files=extra)
     return {}
 
 
