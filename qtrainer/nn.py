@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import recompute as _recompute
 from .quantizers import Quantizer
 
 
@@ -26,6 +27,10 @@ class QuantizedLayer:
     input_quantizer: Quantizer | None
     act_numel: int = 0
     macs: int = 0
+    # Backward recomputes the quantized input and weight instead of keeping them alive (see
+    # qtrainer/recompute.py): None = auto (on where the fused kernels run: CUDA with Triton),
+    # True = always, False = never. Same outputs and gradients either way.
+    recompute: bool | None = None
 
     @classmethod
     def from_float(cls, module: nn.Module, weight_quantizer: Quantizer | None,
@@ -63,6 +68,9 @@ class QuantConv1d(QuantizedLayer, nn.Conv1d):
     FLOAT_TYPES = (nn.Conv1d,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = None if self.recompute is False else _recompute.forward(self, x)
+        if y is not None:
+            return y
         return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
@@ -72,6 +80,9 @@ class QuantConv2d(QuantizedLayer, nn.Conv2d):
     FLOAT_TYPES = (nn.Conv2d,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = None if self.recompute is False else _recompute.forward(self, x)
+        if y is not None:
+            return y
         return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
@@ -79,6 +90,9 @@ class QuantLinear(QuantizedLayer, nn.Linear):
     FLOAT_TYPES = (nn.Linear,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = None if self.recompute is False else _recompute.forward(self, x)
+        if y is not None:
+            return y
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
