@@ -371,6 +371,7 @@ def export_(
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"recipe": cfg.recipe.name, "recipe_hash": cfg.recipe.content_hash(),
             "checkpoint": os.path.abspath(ckpt)}
+    module.eval()
     report = export_model(module.model, path, format=format, example_input=bundle.example_input,
                           fold_bn=fold_bn, metadata=meta)
     typer.echo(f"wrote {path} ({report.get('file_bytes', path.stat().st_size)} bytes, {format})")

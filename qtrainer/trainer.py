@@ -224,6 +224,19 @@ def layer_table(model: nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
+def checkpoint_callbacks(dirpath: Path, validation: bool) -> list[ModelCheckpoint]:
+    """``last.ckpt`` written at the end of every epoch (what ``--resume`` continues from) and,
+    with validation data, ``best.ckpt`` (highest ``val_acc``). Two callbacks, because
+    Lightning's ``save_last`` only refreshes ``last.ckpt`` in epochs that save a top-k file."""
+    out = [ModelCheckpoint(dirpath=str(dirpath), filename="last", monitor=None, save_top_k=1,
+                           every_n_epochs=1, enable_version_counter=False)]
+    if validation:
+        out.append(ModelCheckpoint(dirpath=str(dirpath), filename="best", monitor="val_acc",
+                                   mode="max", save_top_k=1, every_n_epochs=1,
+                                   enable_version_counter=False))
+    return out
+
+
 def trainer_args(trainer_kwargs: Mapping, **extra) -> dict:
     """``lightning.pytorch.Trainer`` arguments: qtrainer's defaults, then ``extra``, then the
     user's ``trainer_kwargs``."""
@@ -416,11 +429,9 @@ class QTrainer:
         cbs: list = [self.callback]
         logger: Any = False
         if self.output_dir is not None:
-            self.checkpoint = ModelCheckpoint(
-                dirpath=str(self.output_dir / "checkpoints"), filename="best",
-                monitor="val_acc" if val_loader is not None else None, mode="max",
-                save_top_k=1, save_last=True, every_n_epochs=1, enable_version_counter=False)
-            cbs.append(self.checkpoint)
+            saving = checkpoint_callbacks(self.output_dir / "checkpoints", val_loader is not None)
+            self.checkpoint = saving[-1]
+            cbs += saving
             logger = self._loggers() or False
         cbs += list(callbacks or [])
         cbs.append(_EpochSync())
@@ -627,11 +638,9 @@ def pretrain(model: nn.Module, bundle, cfg: RunConfig, out: Path, resume: bool =
                                   example_input=bundle.example_input)
     stage = out / "pretrain"
     last = stage / "checkpoints" / "last.ckpt"
-    ckpt_cb = ModelCheckpoint(dirpath=str(stage / "checkpoints"), filename="best",
-                              monitor="val_acc" if val is not None else None, mode="max",
-                              save_last=True, save_top_k=1, enable_version_counter=False)
     args = trainer_args(_trainer_kwargs(cfg), max_epochs=p.epochs, logger=loggers(stage),
-                                callbacks=[ckpt_cb, *_extra_callbacks(), _EpochSync()],
+                                callbacks=[*checkpoint_callbacks(stage / "checkpoints", val is not None),
+                                           *_extra_callbacks(), _EpochSync()],
                                 enable_checkpointing=True, plugins=[AtomicCheckpointIO()],
                                 default_root_dir=str(stage))
     _quiet()
@@ -740,7 +749,7 @@ def _run(cfg: RunConfig, resume: bool, overwrite: bool, echo) -> RunResult:
     result = RunResult(out, {k: v for k, v in fp.items() if k != "depends_on"})
     for index, recipe in enumerate(cfg.recipes):
         job_cfg = cfg.job(index)
-        result.jobs.append(_run_job(job_cfg, recipe, fp_model, bundle, (train, val, test),
+        result.jobs.append(_run_job(index, job_cfg, recipe, fp_model, bundle, (train, val, test),
                                     result.fp, resume, echo))
     result.wall_time_s = time.perf_counter() - start
     run_summary = {**result.jobs[0].summary,
@@ -761,7 +770,7 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _run_job(cfg: RunConfig, recipe: Recipe, fp_model: nn.Module, bundle, loaders, fp,
+def _run_job(index: int, cfg: RunConfig, recipe: Recipe, fp_model: nn.Module, bundle, loaders, fp,
              resume: bool, echo) -> JobResult:
     from . import report
 
@@ -774,7 +783,8 @@ def _run_job(cfg: RunConfig, recipe: Recipe, fp_model: nn.Module, bundle, loader
             echo(f"{recipe.name}: already finished ({summary_path})")
             return JobResult(recipe.name, out, done, skipped=True)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "run.yaml", cfg.to_yaml())
+    if index:  # a compare job's own folder gets its own run.yaml (the main one is the run's)
+        write_text_atomic(out / "run.yaml", cfg.to_yaml())
     train, val, test = loaders
     _seed(cfg.seed)
     model = copy.deepcopy(fp_model)
