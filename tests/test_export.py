@@ -117,7 +117,7 @@ def _top1(logits, y):
 def fp_model(cifar):
     xtr, ytr, xte, yte = cifar
     torch.manual_seed(0)
-    model = _train(SmallCNN(width=16), xtr, ytr, steps=100, lr=5e-3, seed=0)
+    model = _train(SmallCNN(width=16), xtr, ytr, steps=80, lr=5e-3, seed=0)
     assert _accuracy(model, xte, yte) > 0.25  # 10 classes: clearly better than chance
     return model
 
@@ -131,7 +131,7 @@ def _set_bits(q: NIPQQuantizer, bits: int) -> None:
 MIXED_BITS = [3, 5, 6, 4, 7, 2, 3, 5]
 
 
-def _quantize(fp, xtr, ytr, method, bits, kwargs=None, mixed=False, qat_steps=15):
+def _quantize(fp, xtr, ytr, method, bits, kwargs=None, mixed=False, qat_steps=12):
     model = copy.deepcopy(fp)
     quantize_model(model, method=method, weight_bits=bits, act_bits=bits,
                    method_kwargs=kwargs or {}, example_input=xtr[:2])
@@ -237,7 +237,7 @@ def _random_quantized(method, bits, kwargs, mixed, x, first_last=8):
 @pytest.mark.parametrize("case", list(INT_CASES))
 def test_int_round_trip_bit_identical(cifar, tmp_path, case):
     _, _, xte, _ = cifar
-    x = xte[:64]
+    x = xte[:32]
     method, bits, kwargs, mixed = INT_CASES[case]
     model = _random_quantized(method, bits, kwargs, mixed, x)
     with torch.no_grad():
@@ -424,7 +424,7 @@ def test_fold_bn_parity(qmodels, logits, cifar, tmp_path, name):
             assert {i.data_type for i in proto.graph.initializer if "bias_dq.codes" in i.name} == {onnx.TensorProto.INT32}
         else:  # float bias added after the conv: onnxruntime does not round it
             assert report["bias_add"] >= 3 and ops.count("Add") >= 3
-        agree, rel = _agreement(_ort_run(tmp_path / f"{bias}.onnx", xte), out)
+        agree, rel = _agreement(_ort_run(tmp_path / f"{bias}.onnx", xte[:500]), out[:500])
         print(f"; onnxruntime vs folded torch: agreement {agree:.4f}, max|diff|/range {rel:.2e}", end="")
         assert agree >= 0.999 and rel < 1e-3
 

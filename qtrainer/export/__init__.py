@@ -60,7 +60,7 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "int", *, ex
     if metadata is not None and not isinstance(metadata, dict):
         raise ValueError(f"metadata must be a dict, got {type(metadata).__name__}")
     try:
-        json.dumps(metadata, allow_nan=False)
+        json.dumps(metadata)
     except (TypeError, ValueError) as e:
         raise ValueError(f"metadata must be JSON-serializable (strings, numbers, lists, dicts): {e}") from None
     if fold_bn is True:

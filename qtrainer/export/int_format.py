@@ -217,7 +217,7 @@ def save_int(model: nn.Module, path, metadata: dict | None = None,
 
     tensors, header, sizes = build_int(model, metadata, folded)
     try:
-        text = json.dumps(header, sort_keys=True, allow_nan=False)
+        text = json.dumps(header, sort_keys=True)
     except (TypeError, ValueError) as e:
         raise ValueError(f"metadata must be JSON-serializable (strings, numbers, lists, dicts): {e}") from None
     write_bytes_atomic(path, save(tensors, metadata={META_KEY: text, "format": "pt"}))
