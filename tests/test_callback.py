@@ -216,7 +216,7 @@ def test_accumulation_and_bf16_with_mixed_precision_loss(data):
 def test_lightning_cli_adds_the_callback(data):
     from lightning.pytorch.cli import LightningCLI
 
-    cli = LightningCLI(LitCNN, run=False, args=[
+    cli = LightningCLI(LitCNN, run=False, save_config_callback=None, args=[
         "--trainer.callbacks+=qtrainer.QuantizationCallback",
         "--trainer.callbacks.recipe=lsq-3bit",
         "--trainer.callbacks.overrides={phases.epochs: 1}",
