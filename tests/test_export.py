@@ -25,7 +25,7 @@ from qtrainer.export import export, fold_batchnorm, load_int, pack_codes, read_h
 from qtrainer.export._common import eval_copy, quantized_layers
 from qtrainer.export.int_format import storage_dtype
 from qtrainer.models import SmallCNN, resnet20
-from qtrainer.nn import QuantizedLayer, quantizers
+from qtrainer.nn import quantizers
 from qtrainer.quantizers import NIPQQuantizer
 
 ort = pytest.importorskip("onnxruntime")
