@@ -115,14 +115,15 @@ def _read(path: str) -> dict:
 @app.command()
 @handle_errors
 def run(
-    file: str = typer.Argument(..., help="The run file (YAML)."),
+    file: str = typer.Argument(..., metavar="FILE", help="The run file (YAML)."),
     overrides: Optional[List[str]] = typer.Argument(
-        None, help="Dotted overrides KEY=VALUE across the run file (values are YAML)."),
+        None, metavar="KEY=VALUE",
+        help="Dotted overrides across the run file (values are YAML)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its "
                                 "last checkpoints (at most the current epoch is lost)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start again in an output folder "
                                    "that holds checkpoints of an earlier run."),
-    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o",
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", metavar="DIR",
                                              help="Override output_dir."),
 ):
     """Train: FP pretraining (or a checkpoint), then QAT with each recipe of the run file.
@@ -193,8 +194,8 @@ def recipes(ctx: typer.Context):
 @recipes_app.command("copy")
 @handle_errors
 def recipes_copy(
-    name: str = typer.Argument(..., help="A recipe name (or path)."),
-    file: str = typer.Argument(..., help="Where to write the YAML."),
+    name: str = typer.Argument(..., metavar="NAME", help="A recipe name (or path)."),
+    file: str = typer.Argument(..., metavar="FILE", help="Where to write the YAML."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing file."),
 ):
     """Write a recipe, fully resolved, to FILE to edit it (rename it before registering it).
@@ -224,7 +225,8 @@ def recipes_copy(
 def show(
     ref: str = typer.Argument(..., metavar="NAME|FILE",
                               help="A recipe name, a recipe file or a run file."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides KEY=VALUE."),
+    overrides: Optional[List[str]] = typer.Argument(None, metavar="KEY=VALUE",
+                                              help="Dotted overrides."),
 ):
     """Print a recipe (or a run file) fully resolved: extends, overrides and defaults applied.
 
@@ -250,8 +252,9 @@ def show(
 @app.command()
 @handle_errors
 def validate(
-    file: str = typer.Argument(..., help="A run file or a recipe file."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides KEY=VALUE."),
+    file: str = typer.Argument(..., metavar="FILE", help="A run file or a recipe file."),
+    overrides: Optional[List[str]] = typer.Argument(None, metavar="KEY=VALUE",
+                                              help="Dotted overrides."),
 ):
     """Check a run file or recipe file without running it (exit 2 with the key on errors).
 
@@ -296,10 +299,11 @@ def _checkpoint_config(ckpt: str, run_file: Optional[str]):
 @app.command("eval")
 @handle_errors
 def eval_(
-    ckpt: str = typer.Argument(..., help="A checkpoint of a run (last.ckpt, best.ckpt, fp.ckpt)."),
-    run_file: Optional[str] = typer.Option(None, "--run-file", help="Default: the run.yaml "
+    ckpt: str = typer.Argument(..., metavar="CKPT",
+                       help="A checkpoint of a run (last.ckpt, best.ckpt, fp.ckpt)."),
+    run_file: Optional[str] = typer.Option(None, "--run-file", metavar="FILE", help="Default: the run.yaml "
                                            "next to or above the checkpoint."),
-    split: str = typer.Option("test", "--split", help="test or val."),
+    split: str = typer.Option("test", "--split", metavar="SPLIT", help="test or val."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Evaluate a checkpoint on the run's data (the data and model are rebuilt from run.yaml).
@@ -339,12 +343,12 @@ def eval_(
 @app.command("export")
 @handle_errors
 def export_(
-    ckpt: str = typer.Argument(..., help="A QAT checkpoint of a run."),
-    format: str = typer.Option("int", "--format", "-f",
+    ckpt: str = typer.Argument(..., metavar="CKPT", help="A QAT checkpoint of a run."),
+    format: str = typer.Option("int", "--format", "-f", metavar="FORMAT",
                                help="int | onnx | torchscript | exported_program"),
-    output: Optional[str] = typer.Option(None, "--output", "-o",
+    output: Optional[str] = typer.Option(None, "--output", "-o", metavar="PATH",
                                          help="Default: RUN_DIR/export/model.<ext>."),
-    run_file: Optional[str] = typer.Option(None, "--run-file", help="Default: the run.yaml "
+    run_file: Optional[str] = typer.Option(None, "--run-file", metavar="FILE", help="Default: the run.yaml "
                                            "next to or above the checkpoint."),
     fold_bn: bool = typer.Option(False, "--fold-bn", help="Fold BatchNorm into conv weights."),
 ):
@@ -383,7 +387,7 @@ def export_(
 @app.command()
 @handle_errors
 def report(
-    run_dir: str = typer.Argument(..., help="A run's output folder."),
+    run_dir: str = typer.Argument(..., metavar="RUN_DIR", help="A run's output folder."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Rewrite the PNG plots."),
 ):
     """Print a finished run's table and (re)write its plots (needs matplotlib).

@@ -555,8 +555,21 @@ def _json_default(value):
     return str(value)
 
 
+def is_main_process() -> bool:
+    """False in the extra processes of a multi-process (DDP) run, which must not write the
+    run's files: Lightning starts them with ``LOCAL_RANK``/``NODE_RANK``/``RANK`` set."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
 def write_json(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+    """Atomically write ``data`` as JSON (main process only)."""
+    if is_main_process():
+        write_text_atomic(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    if is_main_process():
+        write_text_atomic(path, text)
 
 
 def _fp_key(cfg: RunConfig) -> dict[str, Any]:
@@ -652,9 +665,10 @@ def pretrain(model: nn.Module, bundle, cfg: RunConfig, out: Path, resume: bool =
     metrics = evaluate_module(module, test, _trainer_kwargs(cfg))
     from .report import merge_metrics
 
-    merge_metrics(stage)
-    with atomic_write(ckpt) as f:
-        torch.save(model.state_dict(), f)
+    if is_main_process():
+        merge_metrics(stage)
+        with atomic_write(ckpt) as f:
+            torch.save(model.state_dict(), f)
     record = {**metrics, "source": "pretrain", "epochs": p.epochs, "wall_time_s": seconds,
               "depends_on": key}
     write_json(record_path, record)
@@ -684,6 +698,9 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     Raises:
         RunFileError: bad input (data, model, an output folder holding another run).
     """
+    if not is_main_process():
+        def echo(_text: str) -> None:
+            return None
     threads = torch.get_num_threads()
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
@@ -726,7 +743,7 @@ def _run(cfg: RunConfig, resume: bool, overwrite: bool, echo) -> RunResult:
             for name in ("checkpoints", "logs", "summary.json", "metrics.csv"):
                 _remove(d / name)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_yaml, cfg.to_yaml())
+    _write_text(run_yaml, cfg.to_yaml())
 
     _seed(cfg.seed)
     bundle, model = prepare(cfg)
@@ -784,7 +801,7 @@ def _run_job(index: int, cfg: RunConfig, recipe: Recipe, fp_model: nn.Module, bu
             return JobResult(recipe.name, out, done, skipped=True)
     out.mkdir(parents=True, exist_ok=True)
     if index:  # a compare job's own folder gets its own run.yaml (the main one is the run's)
-        write_text_atomic(out / "run.yaml", cfg.to_yaml())
+        _write_text(out / "run.yaml", cfg.to_yaml())
     train, val, test = loaders
     _seed(cfg.seed)
     model = copy.deepcopy(fp_model)
@@ -803,7 +820,7 @@ def _run_job(index: int, cfg: RunConfig, recipe: Recipe, fp_model: nn.Module, bu
                    model=cfg.model.get("name") or cfg.model.get("class_path"),
                    split="test", output_dir=str(out), seed=cfg.seed)
     exports = {}
-    for fmt in cfg.export:
+    for fmt in cfg.export if is_main_process() else []:
         ext = {"int": "safetensors", "onnx": "onnx", "torchscript": "pt",
                "exported_program": "pt2"}[fmt]
         path = out / "export" / f"model.{fmt}.{ext}" if fmt in ("torchscript",
@@ -816,14 +833,15 @@ def _run_job(index: int, cfg: RunConfig, recipe: Recipe, fp_model: nn.Module, bu
             exports[fmt] = {"error": f"{type(e).__name__}: {e}"}
             echo(f"{recipe.name}: export {fmt} failed: {type(e).__name__}: {e}")
     summary["exports"] = exports
-    report.merge_metrics(out)
     summary["completed"] = True
-    write_json(summary_path, summary)
-    try:
-        summary["plots"] = [str(p) for p in report.make_plots(out)]
+    if is_main_process():
+        report.merge_metrics(out)
         write_json(summary_path, summary)
-    except report.PlotsUnavailable as e:
-        echo(f"{recipe.name}: no plots ({e})")
+        try:
+            summary["plots"] = [str(p) for p in report.make_plots(out)]
+            write_json(summary_path, summary)
+        except report.PlotsUnavailable as e:
+            echo(f"{recipe.name}: no plots ({e})")
     return JobResult(recipe.name, out, summary)
 
 
