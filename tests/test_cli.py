@@ -353,9 +353,30 @@ def build_recipe_package(root: Path, dist: str, module: str, recipe_name: str) -
 
 
 def pip_install(pkg: Path, target: Path) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--no-index", "--target", str(target), str(pkg)],
-                   check=True, capture_output=True, timeout=300)
+    """``pip install --target`` of the package (offline: the installed setuptools builds it);
+    without setuptools, the same files pip would write (module and dist-info) by hand."""
+    try:
+        import setuptools  # noqa: F401
+
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                        "--no-build-isolation", "--no-index", "--target", str(target), str(pkg)],
+                       check=True, capture_output=True, timeout=300)
+        return
+    except ImportError:
+        pass
+    import shutil
+    import tomllib
+
+    meta = tomllib.loads((pkg / "pyproject.toml").read_text())
+    project, module = meta["project"], meta["tool"]["setuptools"]["packages"][0]
+    shutil.copytree(pkg / module, target / module)
+    info = target / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\n"
+                                   f"Version: {project['version']}\n")
+    eps = project["entry-points"]["qtrainer.recipes"]
+    (info / "entry_points.txt").write_text(
+        "[qtrainer.recipes]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()))
 
 
 @pytest.mark.slow
