@@ -8,9 +8,11 @@ reference modules' operation order, so on CPU their forward is bit-identical to 
 
 Ops (``x`` any float dtype, output the same dtype, math in fp32; ``seed`` an int64 tensor ``[1]``):
 
-- ``lsq_fake_quant(x, s, q_n, q_p, g, lam, noise, seed)``: LSQ, plus tempering noise when
-  ``noise`` is 1 (error-aware uniform), 2 (error-aware gaussian) or 3 (``uniform_step``).
-  ``s`` is 1-D: one step size, or one per channel along dim 0.
+- ``lsq_fake_quant(x, s, q_n, q_p, g, lam, noise, seed)``: LSQ, plus tempering noise of
+  weight ``lam`` (fp32 tensor ``[1]``) when ``noise`` is 1 (error-aware uniform), 2 (error-aware
+  gaussian) or 3 (``uniform_step``). ``s`` is 1-D: one step size, or one per channel (dim 0).
+  The noise weight is a tensor so that a compiled graph (and a CUDA graph) does not bake in the
+  value of a schedule that changes every step.
 - ``nipq_noise_lut(x, alpha, delta, signed)``: NIPQ's histogram noise table (uint8, 65536 cells).
 - ``nipq_noise_fake_quant(x, alpha, delta, seed, lut, signed)``: NIPQ noise phase; ``lut`` None
   for uniform noise. Gradients go to ``x``, ``alpha`` (boundary terms) and ``delta``.
@@ -209,14 +211,14 @@ def _nipq_noise_bwd_torch(grad, x, alpha, seed, lut, signed, need_x, need_p):
     below = (xf <= (-a if signed else torch.zeros_like(a))) & ~above
     inside = ~(above | below)
     gx = torch.where(inside, gf, 0.0).to(x.dtype) if need_x else x.new_empty(0)
-    ga = gd = a.new_empty(0)
+    gp = a.new_empty(0)
     if need_p:
         g_alpha = torch.where(above, gf, 0.0)
         if signed:
             g_alpha = g_alpha - torch.where(below, gf, 0.0)
-        ga = g_alpha.sum().reshape(1)
-        gd = torch.where(inside, gf * _nipq_z_torch(seed, lut, xf), 0.0).sum().reshape(1)
-    return gx, ga, gd
+        gd = torch.where(inside, gf * _nipq_z_torch(seed, lut, xf), 0.0)
+        gp = torch.stack([g_alpha.sum(), gd.sum()])
+    return gx, gp
 
 
 def _nipq_hard_fwd_torch(x, alpha, n, signed):
@@ -263,8 +265,8 @@ def _empty_or(t, like: Tensor, **kw) -> Tensor:
 # -- custom ops: LSQ / tempering -------------------------------------------------------------
 
 @torch.library.custom_op("qtrainer::lsq_fake_quant", mutates_args=())
-def lsq_fake_quant(x: Tensor, s: Tensor, q_n: int, q_p: int, g: float, lam: float, noise: int,
-                   seed: Optional[Tensor]) -> Tensor:
+def lsq_fake_quant(x: Tensor, s: Tensor, q_n: int, q_p: int, g: float, lam: Optional[Tensor],
+                   noise: int, seed: Optional[Tensor]) -> Tensor:
     """LSQ fake quantization (plus tempering noise); ``g`` only scales the gradient of ``s``."""
     if _use_triton(x):
         return kernels.lsq().lsq_forward(x, s, q_n, q_p, lam, noise, seed)
@@ -278,7 +280,7 @@ def _(x, s, q_n, q_p, g, lam, noise, seed):
 
 @torch.library.custom_op("qtrainer::lsq_fake_quant_backward", mutates_args=())
 def lsq_fake_quant_backward(grad: Tensor, x: Tensor, s: Tensor, q_n: int, q_p: int, g: float,
-                            lam: float, noise: int, seed: Optional[Tensor], need_x: bool,
+                            lam: Optional[Tensor], noise: int, seed: Optional[Tensor], need_x: bool,
                             need_s: bool) -> tuple[Tensor, Tensor]:
     """``(grad_x, grad_s)``; an output not asked for is an empty tensor."""
     if _use_triton(x):
@@ -296,16 +298,18 @@ def _(grad, x, s, q_n, q_p, g, lam, noise, seed, need_x, need_s):
 
 def _lsq_setup(ctx, inputs, output):
     x, s, q_n, q_p, g, lam, noise, seed = inputs
-    ctx.save_for_backward(x, s, seed)
-    ctx.args = (q_n, q_p, g, lam, noise)
+    ctx.save_for_backward(x, s, lam, seed)
+    ctx.args = (q_n, q_p, g)
+    ctx.noise = noise
 
 
 def _lsq_backward(ctx, grad):
-    x, s, seed = ctx.saved_tensors
+    x, s, lam, seed = ctx.saved_tensors
     need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     gx = gs = None
     if need_x or need_s:
-        gx, gs = lsq_fake_quant_backward(grad, x, s, *ctx.args, seed, need_x, need_s)
+        gx, gs = lsq_fake_quant_backward(grad, x, s, *ctx.args, lam, ctx.noise, seed, need_x,
+                                         need_s)
     return (gx if need_x else None, gs.to(s.dtype) if need_s else None,
             None, None, None, None, None, None)
 
@@ -345,22 +349,20 @@ def _(x, alpha, delta, seed, lut, signed):
 @torch.library.custom_op("qtrainer::nipq_noise_fake_quant_backward", mutates_args=())
 def nipq_noise_fake_quant_backward(grad: Tensor, x: Tensor, alpha: Tensor, seed: Tensor,
                                    lut: Optional[Tensor], signed: bool, need_x: bool,
-                                   need_params: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(grad_x, grad_alpha, grad_delta)`` (the ``alpha`` part that does not run through
-    ``delta``); outputs not asked for are empty."""
+                                   need_params: bool) -> tuple[Tensor, Tensor]:
+    """``(grad_x, grad_params)``: ``grad_params`` fp32 ``[2]`` = (the ``alpha`` gradient that
+    does not run through ``delta``, the ``delta`` gradient); outputs not asked for are empty."""
     if _use_triton(x):
-        gx, ga, gd = kernels.nipq().noise_backward(grad, x, alpha, seed, lut, signed, need_x,
-                                                   need_params)
-        e = alpha.new_empty(0, dtype=torch.float32)
-        return _empty_or(gx, x), _empty_or(ga, e), _empty_or(gd, e)
+        gx, gp = kernels.nipq().noise_backward(grad, x, alpha, seed, lut, signed, need_x,
+                                               need_params)
+        return _empty_or(gx, x), _empty_or(gp, alpha, dtype=torch.float32)
     return _nipq_noise_bwd_torch(grad, x, alpha, seed, lut, signed, need_x, need_params)
 
 
 @nipq_noise_fake_quant_backward.register_fake
 def _(grad, x, alpha, seed, lut, signed, need_x, need_params):
-    shape = (1,) if need_params else (0,)
     return (torch.empty_like(x) if need_x else x.new_empty(0),
-            alpha.new_empty(shape, dtype=torch.float32), alpha.new_empty(shape, dtype=torch.float32))
+            alpha.new_empty((2,) if need_params else (0,), dtype=torch.float32))
 
 
 def _nipq_noise_setup(ctx, inputs, output):
@@ -374,13 +376,13 @@ def _nipq_noise_backward(ctx, grad):
     x, alpha, seed, lut = ctx.saved_tensors
     need_x = ctx.needs_input_grad[0]
     need_p = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-    gx = ga = gd = None
+    gx = gp = None
     if need_x or need_p:
-        gx, ga, gd = nipq_noise_fake_quant_backward(grad, x, alpha, seed, lut, ctx.signed,
-                                                    need_x, need_p)
+        gx, gp = nipq_noise_fake_quant_backward(grad, x, alpha, seed, lut, ctx.signed, need_x,
+                                                need_p)
     return (gx if need_x else None,
-            ga.to(ctx.dtypes[0]) if ctx.needs_input_grad[1] else None,
-            gd.to(ctx.dtypes[1]) if ctx.needs_input_grad[2] else None, None, None, None)
+            gp[0:1].to(ctx.dtypes[0]) if ctx.needs_input_grad[1] else None,
+            gp[1:2].to(ctx.dtypes[1]) if ctx.needs_input_grad[2] else None, None, None, None)
 
 
 nipq_noise_fake_quant.register_autograd(_nipq_noise_backward, setup_context=_nipq_noise_setup)
@@ -469,6 +471,22 @@ def _known_quantize():
     return LSQQuantizer, TemperingQuantizer, NIPQQuantizer
 
 
+def _lambda_tensor(q, x: Tensor) -> Tensor | None:
+    """Tempering's noise weight as a device tensor, or None for no noise (``lambda = 0``).
+
+    A quantizer may carry ``lambda_tensor`` (a buffer that ``set_lambda`` keeps equal to
+    ``lambda_``): then the value is never read on the host, so torch.compile neither
+    specializes on it nor recompiles when the schedule moves it. Otherwise the float
+    ``lambda_`` is read (compiled code then guards on its value)."""
+    t = getattr(q, "lambda_tensor", None)
+    if isinstance(t, Tensor):
+        if not torch.compiler.is_compiling() and q.lambda_ == 0.0:
+            return None
+        return t.detach().to(device=x.device, dtype=torch.float32).reshape(1)
+    value = float(q.lambda_)
+    return None if value == 0.0 else torch.full((1,), value, device=x.device)
+
+
 def plan_supported(q) -> bool:
     """True when :func:`plan` can express quantizer ``q`` (its class keeps the built-in
     ``quantize`` of LSQ, tempering or NIPQ)."""
@@ -490,14 +508,15 @@ def plan(q, x: Tensor) -> Plan | None:
     kind = type(q).quantize
     if kind is LSQ.quantize or kind is Tempering.quantize:
         q_n, q_p = q.levels
-        noise, lam, seed = 0, 0.0, None
-        if kind is Tempering.quantize and q.noisy and q.lambda_ != 0.0:
-            noise = NOISE_CODES["uniform_step" if q.noise == "uniform_step"
-                                else "error_" + q.noise_dist]
-            lam = float(q.lambda_)
-            seed = draw_seed(x, q.generator)
-        return Plan("lsq", (q.step.float(),), (seed,),
-                    (q_n, q_p, float(q.grad_scale_value(x)), lam, noise))
+        noise, lam, seed = 0, None, None
+        if kind is Tempering.quantize and q.noisy:
+            lam = _lambda_tensor(q, x)
+            if lam is not None:
+                noise = NOISE_CODES["uniform_step" if q.noise == "uniform_step"
+                                    else "error_" + q.noise_dist]
+                seed = draw_seed(x, q.generator)
+        return Plan("lsq", (q.step.float(),), (seed, lam),
+                    (q_n, q_p, float(q.grad_scale_value(x)), noise))
     if kind is NIPQ.quantize:
         from .nipq import nipq_levels
 
@@ -517,7 +536,8 @@ def plan(q, x: Tensor) -> Plan | None:
 def apply(x: Tensor, p: Plan) -> Tensor:
     """Run plan ``p`` on ``x`` through the autograd-enabled ops."""
     if p.kind == "lsq":
-        return lsq_fake_quant(x, p.params[0], *p.consts, p.aux[0])
+        q_n, q_p, g, noise = p.consts
+        return lsq_fake_quant(x, p.params[0], q_n, q_p, g, p.aux[1], noise, p.aux[0])
     if p.kind == "nipq_noise":
         return nipq_noise_fake_quant(x, p.params[0], p.params[1], p.aux[0], p.aux[1], *p.consts)
     if p.kind == "nipq_hard":
@@ -532,13 +552,14 @@ def backward(grad: Tensor, x: Tensor, p: Plan, need_x: bool, need_params: bool):
     if not (need_x or need_params):
         return None, (None,) * len(p.params)
     if p.kind == "lsq":
-        gx, gs = lsq_fake_quant_backward(grad, x, p.params[0], *p.consts, p.aux[0], need_x,
-                                         need_params)
+        q_n, q_p, g, noise = p.consts
+        gx, gs = lsq_fake_quant_backward(grad, x, p.params[0], q_n, q_p, g, p.aux[1], noise,
+                                         p.aux[0], need_x, need_params)
         pg = (gs.to(p.params[0].dtype),) if need_params else (None,)
     elif p.kind == "nipq_noise":
-        gx, ga, gd = nipq_noise_fake_quant_backward(grad, x, p.params[0], p.aux[0], p.aux[1],
-                                                    *p.consts, need_x, need_params)
-        pg = (ga, gd) if need_params else (None, None)
+        gx, gp = nipq_noise_fake_quant_backward(grad, x, p.params[0], p.aux[0], p.aux[1],
+                                                *p.consts, need_x, need_params)
+        pg = (gp[0:1], gp[1:2]) if need_params else (None, None)
     else:
         gx, ga = nipq_hard_fake_quant_backward(grad, x, p.params[0], *p.consts, need_x,
                                                need_params)

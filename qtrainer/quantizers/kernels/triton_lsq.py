@@ -39,6 +39,17 @@ def rint(v):
 
 
 @triton.jit
+def to_out(v, dtype: tl.constexpr):
+    """Cast fp32 ``v`` to the output dtype rounding to nearest even (bf16 rounded by hand first:
+    Triton's interpreter truncates fp32 -> bf16; on a GPU the extra integer ops are free)."""
+    if dtype == tl.bfloat16:
+        b = v.to(tl.uint32, bitcast=True)
+        b = (b + (0x7FFF + ((b >> 16) & 1))) & 0xFFFF0000
+        v = tl.where(v == v, b.to(tl.float32, bitcast=True), v)
+    return v.to(dtype)
+
+
+@triton.jit
 def tempering_noise(seed, offs, NOISE: tl.constexpr):
     """The noise of element ``offs``: ``xi`` (codes 1, 2) or ``u ~ U(-1/2, 1/2)`` (code 3)."""
     if NOISE == 2:
@@ -53,7 +64,7 @@ def tempering_noise(seed, offs, NOISE: tl.constexpr):
 
 
 @triton.jit
-def _lsq_fwd_kernel(x_ptr, s_ptr, seed_ptr, y_ptr, noise_ptr, inner, q_n, q_p, lam,
+def _lsq_fwd_kernel(x_ptr, s_ptr, seed_ptr, lam_ptr, y_ptr, noise_ptr, inner, q_n, q_p,
                     NOISE: tl.constexpr, WRITE_NOISE: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(1)
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -68,6 +79,7 @@ def _lsq_fwd_kernel(x_ptr, s_ptr, seed_ptr, y_ptr, noise_ptr, inner, q_n, q_p, l
         y = q
     else:
         seed = tl.load(seed_ptr)
+        lam = tl.load(lam_ptr).to(tl.float32)
         xi = tempering_noise(seed, offs, NOISE)
         if NOISE == 3:
             y = q + (lam * s) * xi
@@ -75,11 +87,12 @@ def _lsq_fwd_kernel(x_ptr, s_ptr, seed_ptr, y_ptr, noise_ptr, inner, q_n, q_p, l
             y = q + (lam * xi) * (q - clipped * s)
         if WRITE_NOISE:
             tl.store(noise_ptr + offs, xi, mask=mask)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, to_out(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _lsq_bwd_kernel(g_ptr, x_ptr, s_ptr, seed_ptr, gx_ptr, part_ptr, inner, nblk, q_n, q_p, lam,
+def _lsq_bwd_kernel(g_ptr, x_ptr, s_ptr, seed_ptr, lam_ptr, gx_ptr, part_ptr, inner, nblk,
+                    q_n, q_p,
                     NOISE: tl.constexpr, NEED_X: tl.constexpr, NEED_S: tl.constexpr,
                     BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -94,12 +107,13 @@ def _lsq_bwd_kernel(g_ptr, x_ptr, s_ptr, seed_ptr, gx_ptr, part_ptr, inner, nblk
     inside = (xs > -q_n) & (xs < q_p)
     if NEED_X:
         gx = grad * inside.to(tl.float32)  # a product like the reference: -0.0 stays -0.0
-        tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+        tl.store(gx_ptr + offs, to_out(gx, gx_ptr.dtype.element_ty), mask=mask)
     if NEED_S:
         frac = rint(xs) - xs
         term = tl.where(inside, frac, tl.where(xs <= -q_n, -q_n, q_p))
         if NOISE != 0:
             seed = tl.load(seed_ptr)
+            lam = tl.load(lam_ptr).to(tl.float32)
             xi = tempering_noise(seed, offs, NOISE)
             if NOISE == 3:
                 term = term + lam * xi
@@ -175,11 +189,19 @@ def sum_rows(part: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tenso
     return out
 
 
-def lsq_forward(x: torch.Tensor, s: torch.Tensor, q_n: int, q_p: int, lam: float = 0.0,
+def _lam(lam, like: torch.Tensor) -> torch.Tensor:
+    """The noise weight as a device tensor (a float is accepted for convenience)."""
+    if isinstance(lam, torch.Tensor):
+        return lam.detach().reshape(-1).contiguous()
+    return torch.full((1,), float(lam), device=like.device, dtype=torch.float32)
+
+
+def lsq_forward(x: torch.Tensor, s: torch.Tensor, q_n: int, q_p: int, lam=0.0,
                 noise: int = 0, seed: torch.Tensor | None = None, return_noise: bool = False):
     """Fake-quantize ``x`` (any float dtype, output the same dtype). ``s``: 1-D step sizes, one
-    or one per channel (dim 0). With ``return_noise`` also return the fp32 noise the kernel drew
-    (a debug path for tests; shaped and strided like the output)."""
+    or one per channel (dim 0); ``lam``: the noise weight (tensor ``[1]`` or float). With
+    ``return_noise`` also return the fp32 noise the kernel drew (a debug path for tests; shaped
+    and strided like the output)."""
     s = s.detach().reshape(-1).contiguous()
     xd, inner = channel_layout(x, s.numel())
     y = torch.empty_like(xd)
@@ -189,8 +211,9 @@ def lsq_forward(x: torch.Tensor, s: torch.Tensor, q_n: int, q_p: int, lam: float
     if inner > 0:
         grid = (triton.cdiv(inner, BLOCK), s.numel())
         _lsq_fwd_kernel[grid](
-            xd, s, seed if noise else s, y, out_noise if out_noise is not None else y, inner,
-            float(q_n), float(q_p), float(lam), NOISE=int(noise),
+            xd, s, seed if noise else s, _lam(lam, s) if noise else s, y,
+            out_noise if out_noise is not None else y, inner, float(q_n), float(q_p),
+            NOISE=int(noise),
             WRITE_NOISE=out_noise is not None, BLOCK=BLOCK, num_warps=NUM_WARPS,
             enable_fp_fusion=False)
     y = like(y, x) if xd is not x else y
@@ -198,7 +221,7 @@ def lsq_forward(x: torch.Tensor, s: torch.Tensor, q_n: int, q_p: int, lam: float
 
 
 def lsq_backward(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, q_n: int, q_p: int,
-                 g: float, lam: float = 0.0, noise: int = 0, seed: torch.Tensor | None = None,
+                 g: float, lam=0.0, noise: int = 0, seed: torch.Tensor | None = None,
                  need_x: bool = True, need_s: bool = True):
     """``(grad_x, grad_s)``; ``grad_x`` in ``x``'s dtype, ``grad_s`` fp32 shaped like ``s``
     (``None`` where not needed)."""
@@ -212,8 +235,9 @@ def lsq_backward(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, q_n: int,
     part = torch.empty((channels, nblk), device=xd.device, dtype=torch.float32) if need_s else None
     if inner > 0 and (need_x or need_s):
         _lsq_bwd_kernel[(nblk, channels)](
-            gd, xd, s, seed if noise else s, gx if need_x else xd, part if need_s else s,
-            inner, nblk, float(q_n), float(q_p), float(lam), NOISE=int(noise), NEED_X=need_x,
+            gd, xd, s, seed if noise else s, _lam(lam, s) if noise else s, gx if need_x else xd,
+            part if need_s else s, inner, nblk, float(q_n), float(q_p), NOISE=int(noise),
+            NEED_X=need_x,
             NEED_S=need_s, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
     gs = None
     if need_s:

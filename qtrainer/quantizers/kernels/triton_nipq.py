@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_lsq import BLOCK, NUM_WARPS, channel_layout, like, match, rint, sum_rows
+from . import interpreting
+from .triton_lsq import BLOCK, NUM_WARPS, channel_layout, like, match, rint, sum_rows, to_out
 
 HIST_BINS = 256
 LUT_SIZE = 1 << 16
@@ -67,7 +68,7 @@ def _noise_fwd_kernel(x_ptr, alpha_ptr, delta_ptr, seed_ptr, lut_ptr, y_ptr, z_p
     else:
         lo = 0.0
     y = tl.where(x >= alpha, alpha, tl.where(x <= lo, lo, inner))
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, to_out(y, y_ptr.dtype.element_ty), mask=mask)
     if WRITE_Z:
         tl.store(z_ptr + offs, z, mask=mask)
 
@@ -89,7 +90,7 @@ def _noise_bwd_kernel(g_ptr, x_ptr, alpha_ptr, seed_ptr, lut_ptr, gx_ptr, part_p
         below = (x <= 0.0) & (~above)
     inside = ~(above | below)
     if NEED_X:
-        tl.store(gx_ptr + offs, tl.where(inside, grad, 0.0).to(gx_ptr.dtype.element_ty),
+        tl.store(gx_ptr + offs, to_out(tl.where(inside, grad, 0.0), gx_ptr.dtype.element_ty),
                  mask=mask)
     if NEED_P:
         seed = tl.load(seed_ptr)
@@ -145,7 +146,7 @@ def _hard_fwd_kernel(x_ptr, alpha_ptr, y_ptr, n, n_f, LO: tl.constexpr, BLOCK: t
                        propagate_nan=_NAN)
     code = rint(n_f * ratio)
     y = code * tl.math.div_rn(alpha, n_f)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, to_out(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -166,7 +167,7 @@ def _hard_bwd_kernel(g_ptr, x_ptr, alpha_ptr, gx_ptr, part_ptr, n, n_f, LO: tl.c
     scale = tl.math.div_rn(alpha, n_f)
     if NEED_X:
         gx = tl.where(inside, tl.math.div_rn((grad * scale) * n_f, alpha), 0.0)
-        tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+        tl.store(gx_ptr + offs, to_out(gx, gx_ptr.dtype.element_ty), mask=mask)
     if NEED_A:
         ratio = tl.minimum(tl.maximum(r, LO, propagate_nan=_NAN), 1.0, propagate_nan=_NAN)
         rn = n_f * ratio
@@ -191,7 +192,7 @@ def noise_lut(x: torch.Tensor, alpha: torch.Tensor, delta: torch.Tensor, signed:
                                               SIGNED=bool(signed), BINS=HIST_BINS, BLOCK=BLOCK,
                                               num_warps=NUM_WARPS, enable_fp_fusion=False)
     lut = torch.empty(LUT_SIZE, device=xd.device, dtype=torch.uint8)
-    lut_block = 64
+    lut_block = 4096 if interpreting() else 64  # the interpreter pays per program
     _lut_kernel[(LUT_SIZE // lut_block,)](hist, lut, L=LUT_SIZE, BINS=HIST_BINS, BLOCK=lut_block,
                                           num_warps=NUM_WARPS)
     return (lut, hist) if return_hist else lut
@@ -215,7 +216,8 @@ def noise_forward(x: torch.Tensor, alpha: torch.Tensor, delta: torch.Tensor, see
 
 
 def noise_backward(grad, x, alpha, seed, lut, signed, need_x=True, need_params=True):
-    """``(grad_x, grad_alpha_direct, grad_delta)``; the last two fp32 shape ``[1]``."""
+    """``(grad_x, grad_params)``: ``grad_params`` fp32 ``[2]`` holds the direct ``alpha``
+    gradient and the ``delta`` gradient."""
     xd, n = channel_layout(x, 1)
     gd = match(grad, xd)
     nblk = max(triton.cdiv(n, BLOCK), 1)
@@ -228,13 +230,12 @@ def noise_backward(grad, x, alpha, seed, lut, signed, need_x=True, need_params=T
             gd, xd, _scalar(alpha), seed, lut if hist else seed, gx if need_x else xd,
             part if need_params else xd, n, nblk, SIGNED=bool(signed), HIST=hist, NEED_X=need_x,
             NEED_P=need_params, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
-    ga = gd_ = None
+    gp = None
     if need_params:
-        sums = sum_rows(part, 1.0, torch.empty(2, device=xd.device, dtype=torch.float32))
-        ga, gd_ = sums[:1], sums[1:]
+        gp = sum_rows(part, 1.0, torch.empty(2, device=xd.device, dtype=torch.float32))
     if gx is not None and xd is not x:
         gx = like(gx, x)
-    return gx, ga, gd_
+    return gx, gp
 
 
 def hard_forward(x: torch.Tensor, alpha: torch.Tensor, n_levels: int, signed: bool):
