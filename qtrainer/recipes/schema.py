@@ -45,7 +45,9 @@ class LSQMethod:
             paper's code); ``per_sample``: ``N`` without the batch dimension; ``none``: 1.
         per_channel: one step size per output channel of a weight instead of one per tensor.
         init: step size initialization. ``lsq``: ``2*mean|v|/sqrt(Q_P)`` (the paper);
-            ``minmax``: ``max|v|/Q_P``.
+            ``minmax``: ``max|v|/Q_P``; ``mse``: the step of least quantization MSE on the
+            initializing tensor (a grid search that includes the lsq and minmax steps);
+            ``percentile``: the 99.9th percentile of ``|v|`` over ``Q_P``.
     """
 
     name: ClassVar[str] = "lsq"
@@ -53,7 +55,7 @@ class LSQMethod:
 
     grad_scale: str = _f(OneOf(("numel", "per_sample", "none")), "numel")
     per_channel: bool = _f(Bool(), False)
-    init: str = _f(OneOf(("lsq", "minmax")), "lsq")
+    init: str = _f(OneOf(("lsq", "minmax", "mse", "percentile")), "lsq")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,7 +80,7 @@ class TemperingMethod:
 
     grad_scale: str = _f(OneOf(("numel", "per_sample", "none")), "numel")
     per_channel: bool = _f(Bool(), False)
-    init: str = _f(OneOf(("lsq", "minmax")), "lsq")
+    init: str = _f(OneOf(("lsq", "minmax", "mse", "percentile")), "lsq")
     noise: str = _f(OneOf(("error", "uniform_step")), "error")
     noise_dist: str = _f(OneOf(("uniform", "gaussian")), "uniform")
     lambda_0: float = _f(Float(0.0, 100.0), 1.0)
