@@ -65,7 +65,7 @@ def _prepare(q, x: torch.Tensor):
 
 
 def _supported_quantizer(q) -> bool:
-    return q is None or not q.enabled or ops.plan_supported(q)
+    return q is None or not getattr(q, "enabled", True) or ops.plan_supported(q)
 
 
 def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:

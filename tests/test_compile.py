@@ -1,0 +1,89 @@
+"""torch.compile of quantized models through the fused ops (qtrainer/quantizers/ops.py): the
+custom ops' fake implementations and registered autograd let Dynamo capture forward and backward
+in one graph (``fullgraph=True`` raises on any graph break), with the eager results.
+
+CPU only (``backend="aot_eager"``: Dynamo + AOTAutograd, no code generation), through the ops'
+torch implementation; the GPU benchmark compiles with Inductor and CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from torch import nn
+from torch._dynamo.utils import counters
+
+from qtrainer.nn import quantizers
+from qtrainer.quantizers import ops
+from qtrainer.recompute import set_recompute
+from qtrainer.surgery import initialize_quantizers, quantize_model
+
+
+def _model(method, kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    x = torch.randn(4, 3, 8, 8)
+    quantize_model(model, method=method, method_kwargs=kw, example_input=x)
+    initialize_quantizers(model, x)
+    return model, x
+
+
+def _step(model, x, seed, autocast=False):
+    for p in model.parameters():
+        p.grad = None
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = model(x)
+    y.float().square().sum().backward()
+    return y.detach(), {n.removeprefix("_orig_mod."): p.grad.clone()
+                        for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("method,kw,recompute,autocast", [
+    ("lsq", {"per_channel": True}, True, True),
+    ("tempering", {"noise_dist": "gaussian"}, False, False),
+    ("nipq", {"noise": "histogram", "learn_bits": True}, True, False),
+])
+def test_fullgraph_compile_matches_eager(method, kw, recompute, autocast):
+    model, x = _model(method, kw)
+    set_recompute(model, recompute)
+    with ops.options(fused="on", backend="torch"):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        y0, g0 = _step(model, x, 1, autocast)
+        y1, g1 = _step(compiled, x, 1, autocast)
+        assert counters["stats"]["unique_graphs"] == 1
+        assert not counters["graph_break"]
+    assert y1.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert torch.equal(y0, y1)
+    assert g0.keys() == g1.keys() and any("quantizer" in k for k in g0)
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], rtol=1e-6, atol=1e-7), name
+
+
+def test_tempering_schedule_does_not_recompile_with_a_lambda_tensor():
+    """A quantizer carrying ``lambda_tensor`` (kept equal to ``lambda_``) lets the schedule
+    change the noise weight every step without recompiling (or re-recording a CUDA graph)."""
+    model, x = _model("tempering", {})
+    set_recompute(model, True)
+    for _, q in quantizers(model):
+        q.register_buffer("lambda_tensor", torch.ones(1), persistent=False)
+    with ops.options(fused="on", backend="torch"):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        for step, lam in enumerate([1.0, 0.6, 0.0, 0.3]):
+            for _, q in quantizers(model):
+                q.set_lambda(lam)
+                q.lambda_tensor.fill_(lam)
+            y1, g1 = _step(compiled, x, step)
+            y0, g0 = _step(model, x, step)
+            assert torch.equal(y0, y1)
+            for name in g0:
+                assert torch.allclose(g0[name], g1[name], rtol=1e-6, atol=1e-7), name
+        assert counters["stats"]["unique_graphs"] == 1
