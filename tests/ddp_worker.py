@@ -37,6 +37,7 @@ class Dump(pl.Callback):
 
 
 def main(out: Path, recipe: str):
+    torch.set_num_threads(1)  # two processes on two cores
     pl.seed_everything(0)
     train = cifar_tensors("train", 40)
     loader = torch.utils.data.DataLoader(train, batch_size=50, shuffle=True)

@@ -48,6 +48,10 @@ class LitCNN(pl.LightningModule):
         x, y = batch
         self.log("val_acc", (self(x).argmax(1) == y).float().mean(), prog_bar=True)
 
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_acc", (self(x).argmax(1) == y).float().mean())
+
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
         if self.n_optimizers == 1:

@@ -195,7 +195,7 @@ def test_setup_is_idempotent_across_fit_validate_test(data):
     layers = [m for m in module.modules() if isinstance(m, QuantizedLayer)]
     params = sum(p.numel() for p in module.parameters())
     t.validate(module, loaders(*small)[1], verbose=False)
-    t.test(module, loaders(*small)[1], verbose=False) if hasattr(module, "test_step") else None
+    t.test(module, loaders(*small)[1], verbose=False)
     assert [m for m in module.modules() if isinstance(m, QuantizedLayer)] == layers
     assert sum(p.numel() for p in module.parameters()) == params
     assert isinstance(layers[0].input_quantizer, LSQQuantizer)
