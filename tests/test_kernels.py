@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -159,7 +160,7 @@ def test_tempering_noise_from_seed_matches_closed_form(backend, noise, dist, cod
     q._mark_initialized()
     q.train()
     torch.manual_seed(1)
-    x = torch.randn(3, 700) * 1.2
+    x = torch.randn(3, 400) * 1.2
     w = torch.randn_like(x)
     y, gx, grads = run(q, x, w, "on", backend, seed=5)
     y_again, _, _ = run(q, x, w, "on", backend, seed=5)
@@ -192,23 +193,22 @@ def test_tempering_noise_from_seed_matches_closed_form(backend, noise, dist, cod
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("code", [1, 2, 3])
 def test_tempering_noise_statistics(backend, code):
-    """Zero mean and unit variance (``U(-1/2, 1/2)`` for ``uniform_step``) on 16384 draws
-    (tolerances about 5 standard errors); another seed draws other values."""
-    x = torch.zeros(1 << 14)
-    a, c = (_drawn_noise(backend, code, torch.tensor([sd]), x, torch.tensor([0.1]), 8, 7, 1.0)
-            for sd in (12345, 777))
-    assert not torch.equal(a, c)
-    assert abs(torch.corrcoef(torch.stack([a, c]))[0, 1].item()) < 0.04
+    """Zero mean and unit variance (``U(-1/2, 1/2)`` for ``uniform_step``) on 8192 draws
+    (tolerances about 5 standard errors); another seed draws uncorrelated values."""
+    step = torch.tensor([0.1])
+    a = _drawn_noise(backend, code, torch.tensor([12345]), torch.zeros(8192), step, 8, 7, 1.0)
+    c = _drawn_noise(backend, code, torch.tensor([777]), torch.zeros(2048), step, 8, 7, 1.0)
+    assert abs(torch.corrcoef(torch.stack([a[:2048], c]))[0, 1].item()) < 0.1
     if code == 3:
         assert a.min() >= -0.5 and a.max() < 0.5
-        assert abs(a.mean().item()) < 0.012 and a.var().item() == pytest.approx(1 / 12, rel=0.04)
+        assert abs(a.mean().item()) < 0.016 and a.var().item() == pytest.approx(1 / 12, rel=0.05)
     else:
-        assert abs(a.mean().item()) < 0.04 and a.var().item() == pytest.approx(1.0, abs=0.04)
+        assert abs(a.mean().item()) < 0.05 and a.var().item() == pytest.approx(1.0, abs=0.05)
         if code == 1:
             assert a.abs().max() <= math.sqrt(3)
             assert a.abs().max() > 1.7  # covers the whole range
         else:
-            assert (a.abs() > 3).float().mean().item() == pytest.approx(0.0027, abs=0.002)
+            assert (a.abs() > 3).float().mean().item() == pytest.approx(0.0027, abs=0.0025)
 
 
 # -- NIPQ ------------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def test_nipq_noise_phase_matches_closed_form(backend, signed, noise):
     n = 3 if signed else 7
     delta = alpha / n
     torch.manual_seed(2)
-    x = torch.randn(2100) * alpha
+    x = torch.randn(1200) * alpha
     x[:3] = torch.tensor([alpha.item(), -alpha.item(), 0.0])
     if not signed:
         x = torch.relu(x)
@@ -294,7 +294,7 @@ def test_nipq_histogram_table(backend):
     alpha = torch.tensor([1.5])
     delta = alpha / 3
     # values near grid points: a peaked rounding-error histogram
-    x = delta * (torch.round(torch.randn(1 << 14) * 1.5) + 0.15 * torch.randn(1 << 14))
+    x = delta * (torch.round(torch.randn(8192) * 1.5) + 0.15 * torch.randn(8192))
     with ops.options(backend=backend):
         lut = ops.nipq_noise_lut(x, alpha, delta, True)
     r = x / delta
@@ -312,13 +312,13 @@ def test_nipq_histogram_table(backend):
     ref = torch.searchsorted(cdf, grid, right=True).clamp_(max=HIST_BINS - 1)
     assert (ref != lut.long()).sum() <= 8
     # z follows the histogram: total variation distance of the frequencies in 16 groups of
-    # 16 bins (about 0.012 expected from sampling alone; uniform z would give 0.2 here)
+    # 16 bins (about 0.02 expected from sampling alone; uniform z would give 0.4 here)
     z = _drawn_z(backend, torch.tensor([99]), lut, x, alpha, delta, True)
     bins = ((z + 0.5) * HIST_BINS).long().clamp(0, HIST_BINS - 1)
     freq = torch.bincount(bins, minlength=HIST_BINS).double().reshape(16, 16).sum(1) / z.numel()
     prob = (hist.double() / hist.sum()).reshape(16, 16).sum(1)
-    assert 0.5 * (freq - prob).abs().sum().item() < 0.04
-    assert 0.5 * (prob - 1 / 16).abs().sum().item() > 0.1  # the histogram is not flat
+    assert 0.5 * (freq - prob).abs().sum().item() < 0.05
+    assert 0.5 * (prob - 1 / 16).abs().sum().item() > 0.3  # the histogram is not flat
     # an empty histogram (everything clipped) samples uniformly
     with ops.options(backend=backend):
         flat = ops.nipq_noise_lut(torch.full((64,), 9.0), alpha, delta, True)
@@ -604,23 +604,76 @@ def test_triton_interpreter():
 def test_interp_quantizers_really_use_the_kernels(monkeypatch):
     calls = []
     real = kernels.lsq().lsq_forward
-    monkeypatch.setattr(kernels.lsq(), "lsq_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(kernels.lsq(), "lsq_forward",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     check_lsq("triton", 4, True, per_channel=False)
     assert calls
 
 
+_PTR = {"x_ptr": "*bf16", "y_ptr": "*bf16", "g_ptr": "*bf16", "gx_ptr": "*bf16", "seed_ptr": "*i64",
+        "lut_ptr": "*u8", "hist_ptr": "*i32"}
+_INT = {"inner", "nblk", "n", "ncol"}
+_FLOAT = {"q_n", "q_p", "n_f", "scale"}
+
+
+def _signature(fn, constexprs):
+    names = fn.arg_names
+    return {a: "constexpr" if a in constexprs else _PTR.get(a) or (
+        "i32" if a in _INT else "fp32" if a in _FLOAT else "*fp32") for a in names}
+
+
+@pytest.mark.skipif(INTERP or not kernels.available(), reason="needs triton, not interpreting")
+def test_ptx_compile_for_sm90():
+    """Every kernel compiles to PTX for an H100 (sm_90) without a GPU: catches what the
+    interpreter accepts but the compiler does not. IEEE division (div.rn) and the round-half-
+    even adder pair (+-1.5*2^23, add.rn: never fused or reassociated) are in the code."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    K, N = kernels.lsq(), kernels.nipq()
+    cases = [
+        (K._lsq_fwd_kernel, {"NOISE": 1, "WRITE_NOISE": True, "BLOCK": 1024}),
+        (K._lsq_fwd_kernel, {"NOISE": 2, "WRITE_NOISE": False, "BLOCK": 1024}),
+        (K._lsq_bwd_kernel, {"NOISE": 3, "NEED_X": True, "NEED_S": True, "BLOCK": 1024}),
+        (K.sum_rows_kernel, {"BLOCK": 1024}),
+        (N._noise_fwd_kernel, {"SIGNED": True, "HIST": True, "WRITE_Z": True, "BLOCK": 1024}),
+        (N._noise_bwd_kernel, {"SIGNED": False, "HIST": True, "NEED_X": True, "NEED_P": True,
+                               "BLOCK": 1024}),
+        (N._hist_kernel, {"SIGNED": True, "BINS": 256, "BLOCK": 1024}),
+        (N._lut_kernel, {"L": 65536, "BINS": 256, "BLOCK": 64}),
+        (N._hard_fwd_kernel, {"LO": -1.0, "BLOCK": 1024}),
+        (N._hard_bwd_kernel, {"LO": 0.0, "INCL": False, "NEED_X": True, "NEED_A": True,
+                              "BLOCK": 1024}),
+    ]
+    target = GPUTarget("cuda", 90, 32)
+    for fn, constexprs in cases:
+        src = ASTSource(fn=fn, signature=_signature(fn, constexprs), constexprs=constexprs)
+        ptx = triton.compile(src, target=target,
+                             options={"num_warps": 4, "enable_fp_fusion": False}).asm["ptx"]
+        if fn in (K._lsq_fwd_kernel, K._lsq_bwd_kernel, N._hard_fwd_kernel):
+            assert "div.rn.f32" in ptx
+            assert "0f4B400000" in ptx and "0fCB400000" in ptx  # +-1.5 * 2**23
+
+
 # -- the benchmark script --------------------------------------------------------------------
 
-def test_benchmark_cpu_quick(tmp_path):
+def test_benchmark_cpu_quick(tmp_path, monkeypatch, capsys):
+    """``benchmarks/speed.py --device cpu --quick`` as a script (run in this process: a fresh
+    interpreter would spend most of the time importing)."""
     out = tmp_path / "speed.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--device", "cpu", "--quick",
-         "--batch", "2", "--size", "16", "--warmup", "1", "--iters", "2", "--threads", "1",
-         "--json", str(out)],
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
-        timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "ms/step" in proc.stdout
+    monkeypatch.setattr(sys, "argv", [
+        "speed.py", "--device", "cpu", "--quick", "--batch", "2", "--size", "16", "--warmup", "1",
+        "--iters", "2", "--threads", "1", "--json", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(ROOT / "benchmarks" / "speed.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert done.value.code == 0, printed[-3000:]
+    assert "ms/step" in printed and "x FP" in printed
     data = json.loads(out.read_text())
     rows = data["rows"]
     variants = {r["variant"] for r in rows}
@@ -633,3 +686,6 @@ def test_benchmark_cpu_quick(tmp_path):
     fp = next(r for r in rows if r["variant"] == "fp")
     assert fp["time_ratio_vs_fp"] == 1.0
     assert data["config"]["device"] == "cpu"
+    assert {m["case"] for m in data["micro"]} >= {"textbook_lsq", "lsq_fused",
+                                                  "nipq_histogram_fused"}
+    assert all(m["ms_fwd_bwd"] > 0 for m in data["micro"])

@@ -26,7 +26,6 @@ BLOCK = 1024
 SUM_BLOCK = 1024
 NUM_WARPS = 4
 SQRT3 = 1.7320508075688772
-_NAN = tl.PropagateNan.ALL
 
 
 @triton.jit
@@ -73,7 +72,8 @@ def _lsq_fwd_kernel(x_ptr, s_ptr, seed_ptr, lam_ptr, y_ptr, noise_ptr, inner, q_
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(s_ptr + c).to(tl.float32)
     xs = tl.math.div_rn(x, s)
-    clipped = tl.minimum(tl.maximum(xs, -q_n, propagate_nan=_NAN), q_p, propagate_nan=_NAN)
+    clipped = tl.minimum(tl.maximum(xs, -q_n, propagate_nan=tl.PropagateNan.ALL), q_p,
+                         propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN like torch.clamp
     q = rint(clipped) * s
     if NOISE == 0:
         y = q

@@ -34,7 +34,6 @@ from .triton_lsq import BLOCK, NUM_WARPS, channel_layout, like, match, rint, sum
 
 HIST_BINS = 256
 LUT_SIZE = 1 << 16
-_NAN = tl.PropagateNan.ALL
 
 
 @triton.jit
@@ -142,8 +141,9 @@ def _hard_fwd_kernel(x_ptr, alpha_ptr, y_ptr, n, n_f, LO: tl.constexpr, BLOCK: t
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     alpha = tl.load(alpha_ptr).to(tl.float32)
-    ratio = tl.minimum(tl.maximum(tl.math.div_rn(x, alpha), LO, propagate_nan=_NAN), 1.0,
-                       propagate_nan=_NAN)
+    ratio = tl.minimum(tl.maximum(tl.math.div_rn(x, alpha), LO,
+                                  propagate_nan=tl.PropagateNan.ALL),
+                       1.0, propagate_nan=tl.PropagateNan.ALL)
     code = rint(n_f * ratio)
     y = code * tl.math.div_rn(alpha, n_f)
     tl.store(y_ptr + offs, to_out(y, y_ptr.dtype.element_ty), mask=mask)
@@ -169,7 +169,8 @@ def _hard_bwd_kernel(g_ptr, x_ptr, alpha_ptr, gx_ptr, part_ptr, n, n_f, LO: tl.c
         gx = tl.where(inside, tl.math.div_rn((grad * scale) * n_f, alpha), 0.0)
         tl.store(gx_ptr + offs, to_out(gx, gx_ptr.dtype.element_ty), mask=mask)
     if NEED_A:
-        ratio = tl.minimum(tl.maximum(r, LO, propagate_nan=_NAN), 1.0, propagate_nan=_NAN)
+        ratio = tl.minimum(tl.maximum(r, LO, propagate_nan=tl.PropagateNan.ALL), 1.0,
+                           propagate_nan=tl.PropagateNan.ALL)
         rn = n_f * ratio
         term = tl.math.div_rn(rint(rn) - tl.where(inside, rn, 0.0), n_f)
         tl.store(part_ptr + pid, tl.sum(tl.where(mask, grad * term, 0.0), axis=0))
