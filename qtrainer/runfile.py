@@ -127,6 +127,7 @@ _TRAINER_RESERVED = {
     "min_steps": "use trainer.max_epochs", "max_time": "use trainer.max_epochs",
     "fast_dev_run": "use trainer.max_epochs=1 and limit_train_batches",
     "model_registry": "not supported",
+    "plugins": "qtrainer sets its own checkpoint I/O (atomic writes)",
 }
 
 
@@ -215,6 +216,75 @@ class _Precision(_Choice):
 _TRAINER_CHECKS["precision"] = _Precision(PRECISIONS)
 
 
+class _Strategy:
+    """A strategy name Lightning knows (``auto``, ``ddp``, ``fsdp``, ...); a run file cannot
+    hold a Strategy object."""
+
+    allowed = "'auto' or a Lightning strategy name such as 'ddp'"
+
+    def __call__(self, value: object, path: str) -> str:
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        names = ["auto", *StrategyRegistry.available_strategies()]
+        if isinstance(value, str) and value in names:
+            return value
+        hint = did_you_mean(value, names) if isinstance(value, str) else ""
+        raise RunFileError(path, f"{path}: invalid value {show(value)}; allowed: "
+                                 f"{', '.join(names)}{hint}")
+
+
+class _Fraction:
+    """A float in [0, 1] or an int >= 0 (``overfit_batches``: 0 / 0.0 is off)."""
+
+    allowed = "an integer >= 0 or a fraction in [0, 1]"
+
+    def __call__(self, value: object, path: str) -> int | float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RunFileError(path, f"{path}: expected {self.allowed}, got {show(value)}")
+        if (isinstance(value, int) and value >= 0) or (isinstance(value, float) and 0.0 <= value <= 1.0):
+            return value
+        raise RunFileError(path, f"{path}: {show(value)} is out of range; allowed: {self.allowed}")
+
+
+class _Interval(_Number):
+    """``val_check_interval``: batches (int >= 1), a fraction of the epoch in (0, 1], or a
+    time ``"DD:HH:MM:SS"``."""
+
+    def __init__(self):
+        super().__init__(1)
+        self.allowed += ", or a time 'DD:HH:MM:SS'"
+
+    def __call__(self, value: object, path: str) -> int | float | str:
+        import re
+
+        if isinstance(value, str) and re.fullmatch(r"\d{1,5}:\d{1,2}:\d{1,2}:\d{1,2}", value):
+            return value
+        return super().__call__(value, path)
+
+
+class _Deterministic:
+    allowed = "true, false, null or 'warn'"
+
+    def __call__(self, value: object, path: str) -> bool | str | None:
+        if value is None or isinstance(value, bool) or value == "warn":
+            return value
+        raise RunFileError(path, f"{path}: invalid value {show(value)}; allowed: {self.allowed}")
+
+
+_TRAINER_CHECKS.update({
+    "strategy": _Strategy(),
+    "limit_predict_batches": Nullable(_Number(1)),
+    "overfit_batches": _Fraction(),
+    "val_check_interval": Nullable(_Interval()),
+    "deterministic": _Deterministic(),
+    "use_distributed_sampler": Bool(),
+    "profiler": Nullable(OneOf(("simple", "advanced", "pytorch", "xla"))),
+    "barebones": Bool(),
+    "reload_dataloaders_every_n_epochs": Int(0, 1 << 30),
+    "enable_autolog_hparams": Bool(),
+})
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -237,7 +307,8 @@ def _unknown(key: object, allowed, path: str) -> RunFileError:
 
 def _as_run_error(err: RecipeError, prefix: str) -> RunFileError:
     """A recipe problem, re-addressed under ``prefix`` (``recipe``, ``compare[1]``)."""
-    if err.key_path in (ROOT, "name"):
+    if err.key_path == ROOT or (err.key_path == "name" and not err.detail.startswith("name:")):
+        # the whole recipe, or its reference (an unknown or clashing recipe name)
         where = f" ({err.source})" if err.source else ""
         return RunFileError(prefix, f"{prefix}{where}: {err.detail}")
     key = f"{prefix}.{err.key_path}"
@@ -310,6 +381,24 @@ def _load_recipe(value: object, base_dir: Path | None, path: str, epochs: int | 
 # ----------------------------------------------------------------------------- model
 
 
+def _check_model_arg(value: object, annotation: str, path: str) -> None:
+    """Sizes of the built-in models: a positive int (``width``), or a list of them where the
+    constructor takes ``int | Sequence[int]`` (the MLP's ``hidden``)."""
+    size = Int(1, 1 << 20)
+    if annotation == "int":
+        size(value, path)
+    elif annotation == "int | Sequence[int]":
+        if isinstance(value, list) and value:
+            for i, item in enumerate(value):
+                size(item, f"{path}[{i}]")
+        else:
+            try:
+                size(value, path)
+            except RecipeError:
+                raise _err(path, f"{path}: expected a positive integer or a non-empty list of "
+                                 f"them, got {show(value)}") from None
+
+
 def _check_model(raw: object) -> dict:
     from .models import BUILTIN_MODELS
 
@@ -343,6 +432,8 @@ def _check_model(raw: object) -> dict:
         for key in spec:
             if key not in allowed:
                 raise _unknown(key, allowed, "model")
+            if key in params:
+                _check_model_arg(spec[key], str(params[key].annotation), f"model.{key}")
         return spec
     from .models import _torchvision_models
 
@@ -518,10 +609,10 @@ def _validate(raw: object, source: str | None, base_dir: Path | None) -> RunConf
     num_threads = Nullable(Int(1, 1024))(raw.get("num_threads"), "num_threads")
     default_dir = f"runs/{Path(source).stem}" if source else "runs/run"
     output_dir = Path(Text(what="a folder path")(raw.get("output_dir", default_dir), "output_dir"))
-    trainer = _check_trainer(raw.get("trainer") or {})
+    trainer = _check_trainer({} if raw.get("trainer") is None else raw["trainer"])
     epochs = trainer.get("max_epochs")
     recipe = _load_recipe(raw["recipe"], base_dir, "recipe", epochs)
-    compare_raw = raw.get("compare") or []
+    compare_raw = [] if raw.get("compare") is None else raw["compare"]
     if not isinstance(compare_raw, list):
         raise _err("compare", f"compare: expected a list of recipes, got {show(compare_raw)}")
     compare = [_load_recipe(v, base_dir, f"compare[{i}]", epochs)
