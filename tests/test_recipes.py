@@ -304,7 +304,8 @@ def test_child_with_another_method_replaces_the_parents_method_section():
 
 def test_extends_unknown_name_and_missing_file(tmp_path):
     err = error_of({"name": "x", "extends": "lsq-4bits"})
-    assert err.key_path == "name" and "unknown recipe 'lsq-4bits'; did you mean 'lsq-4bit'?" in str(err)
+    assert err.key_path == "extends"
+    assert "extends: unknown recipe 'lsq-4bits'; did you mean 'lsq-4bit'?" in str(err)
     err = error_of({"name": "x", "extends": str(tmp_path / "nope.yaml")})
     assert err.key_path == "<root>" and "cannot read recipe file" in str(err)
     assert err.source == str(tmp_path / "nope.yaml")

@@ -110,7 +110,13 @@ def resolve_extends(raw: Mapping, base_dir: Path | None, lookup: Lookup,
         ident = f"name:{ref}"
         if ident in chain:
             raise RecipeError("extends", f"extends cycle: {' -> '.join(chain + (ident,))}")
-        parent, parent_dir, parent_source = lookup(ref)
+        try:
+            parent, parent_dir, parent_source = lookup(ref)
+        except RecipeError as e:
+            if e.key_path == "name" and e.detail.startswith("unknown recipe"):
+                # the name that cannot be found is the value of `extends`: say so
+                raise RecipeError("extends", f"extends: {e.detail}", source=e.source) from None
+            raise
     try:
         resolved_parent = resolve_extends(parent, parent_dir, lookup, chain + (ident,))
     except RecipeError as e:
