@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
+                                    create_selective_checkpoint_contexts)
 
 from .quantizers import ops
 
@@ -91,8 +93,42 @@ def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
                  tuple(layer.dilation), int(layer.groups))
     spec = (lspec, cdt, xp.kind, xp.consts, len(xp.params), len(xp.aux),
             wp.kind, wp.consts, len(wp.params), len(wp.aux))
-    return _QuantLayerFn.apply(x, layer.weight, layer.bias, spec,
-                               *xp.params, *xp.aux, *wp.params, *wp.aux)
+    tensors = (*xp.params, *xp.aux, *wp.params, *wp.aux)
+    if torch.compiler.is_compiling():
+        # AOTAutograd would merge the backward's recomputation with the forward call and keep
+        # x_hat; selective checkpointing tells its partitioner to recompute the quantizers.
+        return checkpoint(_layer_compute, x, layer.weight, layer.bias, spec, *tensors,
+                          use_reentrant=False, context_fn=_recompute_quantizers)
+    return _QuantLayerFn.apply(x, layer.weight, layer.bias, spec, *tensors)
+
+
+def _layer_compute(x, w, b, spec, *tensors):
+    xp, wp = _plans(spec, tensors)
+    cdt = spec[1]
+    xq, wq = ops.apply(x, xp), ops.apply(w, wp)
+    return _layer_forward(spec[0], _cast(xq, cdt), _cast(wq, cdt), _cast(b, cdt))
+
+
+def _policy(ctx, op, *args, **kwargs):
+    if op in _fake_quant_ops():
+        return CheckpointPolicy.MUST_RECOMPUTE
+    return CheckpointPolicy.PREFER_SAVE
+
+
+def _recompute_quantizers():
+    return create_selective_checkpoint_contexts(_policy)
+
+
+_FQ_OPS: list = []
+
+
+def _fake_quant_ops():
+    if not _FQ_OPS:
+        q = torch.ops.qtrainer
+        _FQ_OPS.extend([q.lsq_fake_quant.default, q.nipq_noise_fake_quant.default,
+                        q.nipq_hard_fake_quant.default, q.nipq_noise_lut.default,
+                        torch.ops.aten._to_copy.default])
+    return _FQ_OPS
 
 
 def _plans(spec, tensors):
