@@ -414,7 +414,8 @@ class QuantizationCallback(Callback):
             raise RecipeError("recipe", 
                 f"the checkpoint was trained with recipe {state_dict.get('recipe', {}).get('name')!r} "
                 f"(hash {saved}) but this run uses {self.recipe.name!r} (hash {current}); pass "
-                "QuantizationCallback(allow_recipe_change=True) to resume anyway")
+                "QuantizationCallback(allow_recipe_change=True) (QTrainer: allow_recipe_change=True; "
+                "qtrainer run: --allow-recipe-change) to resume anyway")
         self.phase = state_dict.get("phase", PHASE_NOISE)
         if "torch_rng" in state_dict:
             torch.set_rng_state(state_dict["torch_rng"])

@@ -125,6 +125,9 @@ def run(
                                    "that holds checkpoints of an earlier run."),
     output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", metavar="DIR",
                                              help="Override output_dir."),
+    allow_recipe_change: bool = typer.Option(
+        False, "--allow-recipe-change", help="With --resume: continue checkpoints written under "
+        "another recipe (changed recipe keys or trainer.max_epochs); refused otherwise."),
 ):
     """Train: FP pretraining (or a checkpoint), then QAT with each recipe of the run file.
 
@@ -139,6 +142,7 @@ def run(
       qtrainer run recipes/cifar10_resnet20_lsq.yaml data.root=/data/cifar10-jpeg
       qtrainer run run.yaml trainer.max_epochs=1 recipe.bits.weight=2 data.subset_per_class=50
       qtrainer run run.yaml --resume          # after Ctrl-C or a kill
+      qtrainer run run.yaml recipe.optimizer.lr=0.001 --resume --allow-recipe-change
     """
     from .runfile import load_run_file
     from .trainer import run as run_config
@@ -151,7 +155,8 @@ def run(
         raise BadInput(f"run file {file!r} does not exist")
     cfg = load_run_file(file, items)
     try:
-        run_config(cfg, resume=resume, overwrite=overwrite, echo=typer.echo)
+        run_config(cfg, resume=resume, overwrite=overwrite,
+                   allow_recipe_change=allow_recipe_change, echo=typer.echo)
     except SystemExit as e:  # Lightning turns Ctrl-C into sys.exit(1) after saving state
         args = " ".join([file, *(overrides or [])])
         _fail(EXIT_FAILURE, f"interrupted; continue with: qtrainer run {args} --resume "

@@ -81,6 +81,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         with atomic_write(target) as f:
             torch.save(checkpoint, f)
 
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict:
+        """Read a checkpoint as untrusted data: ``weights_only=True`` unless asked otherwise
+        (tensors, numbers, strings and containers; nothing is unpickled into code), and a
+        truncated, damaged or tampered file is a ``ValueError`` naming it."""
+        try:
+            return super().load_checkpoint(path, map_location=map_location,
+                                           weights_only=True if weights_only is None else weights_only)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001 - zip, pickle, torch and OS errors alike
+            raise ValueError(f"could not read checkpoint {os.fspath(path)!r} (truncated, damaged "
+                             f"or not a checkpoint of weights): {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
+
 
 class EpochShuffleSampler(Sampler[int]):
     """Shuffles ``range(n)`` anew each epoch from ``(seed, epoch)`` alone, so a run resumed at
@@ -686,7 +701,7 @@ def _extra_callbacks() -> list[Callback]:
 
 
 def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
-        echo: Callable[[str], None] = print) -> RunResult:
+        allow_recipe_change: bool = False, echo: Callable[[str], None] = print) -> RunResult:
     """Execute a validated run: FP model (checkpoint, reused ``fp.ckpt``, or pretraining), then
     each recipe's QAT job, its summary, plots and exports, and the run's ``summary.json``.
 
@@ -694,6 +709,8 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
         resume: continue an interrupted run from each job's ``checkpoints/last.ckpt``; jobs
             that finished are kept as they are.
         overwrite: start again even though the output folder holds checkpoints of a run.
+        allow_recipe_change: resume checkpoints written under another recipe (a run whose
+            recipes, or only its ``trainer.max_epochs``, changed since it was interrupted).
 
     Raises:
         RunFileError: bad input (data, model, an output folder holding another run).
@@ -705,12 +722,22 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     try:
-        return _run(cfg, resume, overwrite, echo)
+        return _run(cfg, resume, overwrite, echo, allow_recipe_change)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(cfg: RunConfig, resume: bool, overwrite: bool, echo) -> RunResult:
+def _recipe_changes_only(old: dict, new: dict, changed: list[str]) -> bool:
+    """Whether two resolved run files differ only in their recipes (and in
+    ``trainer.max_epochs``, which rewrites the recipes' epochs)."""
+    if not set(changed) <= {"recipe", "compare", "trainer"}:
+        return False
+    a, b = old.get("trainer") or {}, new.get("trainer") or {}
+    return {k for k in set(a) | set(b) if a.get(k) != b.get(k)} <= {"max_epochs"}
+
+
+def _run(cfg: RunConfig, resume: bool, overwrite: bool, echo,
+         allow_recipe_change: bool = False) -> RunResult:
     from . import report
 
     start = time.perf_counter()
@@ -727,11 +754,17 @@ def _run(cfg: RunConfig, resume: bool, overwrite: bool, echo) -> RunResult:
         if old is not None and old != cfg.to_dict():
             changed = sorted(k for k in set(old) | set(cfg.to_dict())
                              if old.get(k) != cfg.to_dict().get(k))
-            if resume or any((d / "checkpoints" / "last.ckpt").is_file() for d in dirs):
+            recipes_only = _recipe_changes_only(old, cfg.to_dict(), changed)
+            if allow_recipe_change and recipes_only:
+                echo(f"{out}: the recipes changed ({', '.join(changed)}); continuing under the "
+                     "new ones (--allow-recipe-change)")
+            elif resume or any((d / "checkpoints" / "last.ckpt").is_file() for d in dirs):
+                hint = (", or --allow-recipe-change to continue its checkpoints under the changed "
+                        "recipe" if recipes_only else "")
                 raise RunFileError(changed[0] if changed else "output_dir",
                                    f"{out} holds a run with a different configuration (changed: "
                                    f"{', '.join(changed)}); use the same run file and overrides, "
-                                   "another output_dir, or --overwrite")
+                                   f"another output_dir, or --overwrite{hint}")
     if not resume and not overwrite:
         started = [d for d in dirs if (d / "checkpoints" / "last.ckpt").is_file()]
         if started:
@@ -767,7 +800,7 @@ def _run(cfg: RunConfig, resume: bool, overwrite: bool, echo) -> RunResult:
     for index, recipe in enumerate(cfg.recipes):
         job_cfg = cfg.job(index)
         result.jobs.append(_run_job(index, job_cfg, recipe, fp_model, bundle, (train, val, test),
-                                    result.fp, resume, echo))
+                                    result.fp, resume, echo, allow_recipe_change))
     result.wall_time_s = time.perf_counter() - start
     run_summary = {**result.jobs[0].summary,
                    "compare": [j.summary for j in result.jobs[1:]],
@@ -788,7 +821,7 @@ def _remove(path: Path) -> None:
 
 
 def _run_job(index: int, cfg: RunConfig, recipe: Recipe, fp_model: nn.Module, bundle, loaders, fp,
-             resume: bool, echo) -> JobResult:
+             resume: bool, echo, allow_recipe_change: bool = False) -> JobResult:
     from . import report
 
     out = cfg.output_dir
@@ -808,12 +841,15 @@ def _run_job(index: int, cfg: RunConfig, recipe: Recipe, fp_model: nn.Module, bu
     teacher = copy.deepcopy(fp_model) if recipe.distillation.enabled else None
     qt = QTrainer(model, recipe, teacher=teacher, num_classes=bundle.num_classes,
                   example_input=bundle.example_input, seed=cfg.seed, output_dir=out,
-                  **_trainer_kwargs(cfg))
+                  allow_recipe_change=allow_recipe_change, **_trainer_kwargs(cfg))
     qt.fp_metrics = {k: fp[k] for k in ("acc", "acc_top5", "loss") if k in fp}
     ckpt = str(last) if resume and last.is_file() else None
     echo(f"{recipe.name}: {'resuming from ' + str(last) if ckpt else 'quantization-aware training'}"
          f" ({recipe.method.name}, {recipe.phases.epochs} epochs)")
-    qt.fit(train, val, ckpt_path=ckpt, callbacks=_extra_callbacks())
+    try:
+        qt.fit(train, val, ckpt_path=ckpt, callbacks=_extra_callbacks())
+    except RecipeError as e:  # the checkpoint's recipe is not this run's: name the file
+        raise (e.with_source(ckpt) if ckpt and e.key_path == "recipe" else e) from None
     qt.evaluate(test)
     summary = qt.summary()
     summary.update(fp_source=fp.get("source"), data=cfg.data.get("name"),
@@ -870,7 +906,7 @@ def load_checkpoint_model(ckpt: str | os.PathLike, cfg: RunConfig):
     bundle, model = prepare(RunConfig(**{**cfg.__dict__, "model": {
         k: v for k, v in cfg.model.items() if k != "checkpoint"}}))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"could not read checkpoint {ckpt}: {e}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
