@@ -18,12 +18,19 @@ Usage::
     write_bytes_atomic("x.bin", data); write_text_atomic("x.json", text)
 
 The new file gets the permissions of the file it replaces, or ``0o666`` minus the umask.
+
+A writer killed outright (SIGKILL, power loss) cannot remove its temporary file: the destination
+is intact, but a hidden ``.<name>.<pid>.<random>.tmp<ext>`` stays behind. The next write of the
+same destination removes such leftovers of processes that no longer run (on this machine), so a
+run that is killed and resumed again and again does not fill its folder with checkpoint-sized
+garbage.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from typing import IO, Iterator
 
@@ -74,17 +81,44 @@ def _mode_for(dest: str) -> int:
         return 0o666 & ~_umask()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_leftovers(directory: str, base: str, ext: str) -> None:
+    """Delete temporary files of ``base`` left by writers that were killed (their process is
+    gone); best effort."""
+    pattern = re.compile(rf"\.{re.escape(base)}\.(\d+)\.[^.]+\.tmp{re.escape(ext)}")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is None or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(directory, name))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path next to ``path``; on normal exit it is fsync-ed and atomically
     renamed onto ``path``. On an exception it is deleted and ``path`` is left as it was.
 
-    The temporary name keeps ``path``'s extension (``.model.onnx.<random>.tmp.onnx``) for
+    The temporary name keeps ``path``'s extension (``.model.onnx.<pid>.<random>.tmp.onnx``) for
     writers that look at it. The writer may replace the (empty) temporary file.
     """
     dest, directory, base = _target(path)
     ext = os.path.splitext(base)[1]
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{base}.", suffix=f".tmp{ext}")
+    _remove_leftovers(directory, base, ext)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{base}.{os.getpid()}.", suffix=f".tmp{ext}")
     os.close(fd)
     try:
         yield tmp
