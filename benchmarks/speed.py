@@ -341,7 +341,7 @@ def run_checks(device, big: bool) -> list[dict]:
         seed = ops.draw_seed(x)
         xi = (kernels.lsq().lsq_forward(x, q.step.detach(), 4, 3, lam, code, seed,
                                         return_noise=True)[1]
-              if device.type == "cuda" else ops._tempering_noise_torch(code, seed, x))
+              if ops._use_triton(x) else ops._tempering_noise_torch(code, seed, x))
         xr = x.clone().requires_grad_(True)
         sr = torch.tensor([s_val], device=device, requires_grad=True)
         yr = LSQFunction.apply(xr, sr, 4, 3, q.grad_scale_value(x), xi, lam, noise)
@@ -358,7 +358,7 @@ def run_checks(device, big: bool) -> list[dict]:
                                             q.step.detach(), 4, 3, 1.0, code,
                                             torch.tensor([123], device=device),
                                             return_noise=True)[1]
-                  if device.type == "cuda" else ops._tempering_noise_torch(
+                  if ops._use_triton(q.step) else ops._tempering_noise_torch(
                       code, torch.tensor([123]), torch.zeros(1 << 20)))
         var = big_xi.var().item() * (12 if code == 3 else 1)
         stats_ok = abs(big_xi.mean().item()) < 0.005 and abs(var - 1) < 0.01
@@ -388,7 +388,7 @@ def run_checks(device, big: bool) -> list[dict]:
             lut = ops.nipq_lut_impl(x, alpha, delta, signed) if noise == "histogram" else None
             z = (kernels.nipq().noise_forward(x, alpha, delta, seed, lut, signed,
                                               return_z=True)[1]
-                 if device.type == "cuda" else ops._nipq_z_torch(seed, lut, x))
+                 if ops._use_triton(x) else ops._nipq_z_torch(seed, lut, x))
             lo = -alpha if signed else torch.zeros_like(alpha)
             above, below = x >= alpha, x <= lo
             expected = torch.where(above, alpha, torch.where(below, lo, x + z * delta))
@@ -554,8 +554,14 @@ def parse_args(argv=None):
     p.add_argument("--no-check", dest="check", action="store_false")
     p.add_argument("--micro", dest="micro", action="store_true", default=True)
     p.add_argument("--no-micro", dest="micro", action="store_false")
+    p.add_argument("--check-only", action="store_true", help="run the device checks and stop")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="combine earlier result files (rows, checks, micro) into --json")
     p.add_argument("--json", help="output file (default benchmarks/results/speed_<device>.json)")
     args = p.parse_args(argv)
+    if args.merge:
+        args.json = Path(args.json or ROOT / "benchmarks" / "results" / "speed_merged.json")
+        return args
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA device is available (use --device cpu)")
@@ -580,8 +586,8 @@ def parse_args(argv=None):
     args.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[dtype]
     if args.channels_last is None:
         args.channels_last = cuda
-    if args.check is None:
-        args.check = cuda
+    if args.check is None or args.check_only:
+        args.check = cuda or args.check_only
     args.json = Path(args.json or ROOT / "benchmarks" / "results" /
                      f"speed_{args.device.split(':')[0]}.json")
     return args
@@ -619,8 +625,28 @@ def print_table(rows):
               f"{fmt(r['mem_ratio_vs_fp'], '6.2f'):>6} {fmt(r.get('saved_mb'), '9.1f'):>9}")
 
 
+def merge(args) -> int:
+    """One result from several runs (e.g. one per model and mode, to fit time limits); the
+    ratios stay those measured within each run."""
+    parts = [json.loads(Path(f).read_text()) for f in args.merge]
+    result = {"config": [p["config"] for p in parts], "check": [], "rows": [], "micro": []}
+    for part in parts:
+        result["check"].extend(part.get("check") or [])
+        result["rows"].extend(part.get("rows") or [])
+        result["micro"].extend(part.get("micro") or [])
+    print_table(result["rows"])
+    bad = [c for c in result["check"] if not c["ok"]]
+    print(f"\ncheck: {len(result['check']) - len(bad)}/{len(result['check'])} passed")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.json}")
+    return 1 if bad else 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -634,7 +660,12 @@ def main(argv=None) -> int:
         bad = [c for c in checks if not c["ok"]]
         failed = bool(bad)
         print(f"check: {len(checks) - len(bad)}/{len(checks)} passed"
-              + "".join(f"\n  FAIL {c}" for c in bad))
+              + "".join(f"\n  FAIL {c}" for c in bad), flush=True)
+        if args.check_only:
+            for c in checks:
+                print(f"  {'ok  ' if c['ok'] else 'FAIL'} {c['name']}")
+            _write(args, result)
+            return 1 if failed else 0
     for name in args.models:
         for mode in args.modes:
             for variant in args.variants:
@@ -653,10 +684,14 @@ def main(argv=None) -> int:
         for r in result["micro"]:
             print(f"  {r['case']:<26} " + (r["error"] if "error" in r
                                             else f"{r['ms_fwd_bwd']:.3f} ms"))
+    _write(args, result)
+    return 1 if failed or any("error" in r for r in result["rows"]) else 0
+
+
+def _write(args, result):
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.json}")
-    return 1 if failed or any("error" in r for r in result["rows"]) else 0
 
 
 if __name__ == "__main__":

@@ -628,7 +628,9 @@ def plan(q, x: Tensor) -> Plan | None:
 
         if q.noisy:
             alpha = q.alpha
-            delta = alpha / nipq_levels(q._noise_bits(), q.signed)
+            # fixed bits: a Python level count (the same fp32 division, fewer tiny launches)
+            bits = q._noise_bits() if q.learn_bits else q._fixed
+            delta = alpha / nipq_levels(bits, q.signed)
             seed = draw_seed(x, q.generator)
             lut = None
             if q.noise == "histogram":
