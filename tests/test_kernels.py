@@ -412,6 +412,29 @@ def test_recompute_against_reference_quantizers():
             assert torch.allclose(a[2][name], b[2][name], rtol=1e-6, atol=1e-7), name
 
 
+@pytest.mark.parametrize("make", [
+    lambda: (nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4, bias=False), (2, 4, 7, 7)),
+    lambda: (nn.Conv1d(3, 6, 5, stride=2, padding=1, groups=3), (2, 3, 11)),
+    lambda: (nn.Linear(5, 3), (5,)),
+], ids=["depthwise-dilated", "conv1d-grouped", "linear-1d-input"])
+def test_recompute_layer_shapes(make):
+    from qtrainer.nn import QUANTIZED_TYPES
+
+    torch.manual_seed(0)
+    fp, shape = make()
+    layer = QUANTIZED_TYPES[type(fp)].from_float(fp, LSQQuantizer(3, True), LSQQuantizer(4, True))
+    x = torch.randn(shape)
+    w = torch.randn(layer(x).shape)
+    outs = []
+    for flag in (False, True):
+        layer.recompute = flag
+        outs.append(run(layer, x, w, "on", "torch"))
+    (y0, gx0, g0), (y1, gx1, g1) = outs
+    assert same_bits(y0, y1) and same_bits(gx0, gx1) and g0.keys() == g1.keys()
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], rtol=1e-6, atol=1e-7), name
+
+
 def test_recompute_under_bf16_autocast():
     layer, x = _layer("conv", "lsq")
     x = x.to(memory_format=torch.channels_last)
@@ -663,8 +686,8 @@ def test_benchmark_cpu_quick(tmp_path, monkeypatch, capsys):
     interpreter would spend most of the time importing)."""
     out = tmp_path / "speed.json"
     monkeypatch.setattr(sys, "argv", [
-        "speed.py", "--device", "cpu", "--quick", "--batch", "2", "--size", "16", "--warmup", "1",
-        "--iters", "2", "--threads", "1", "--json", str(out)])
+        "speed.py", "--device", "cpu", "--quick", "--batch", "2", "--size", "8", "--warmup", "0",
+        "--iters", "1", "--threads", "1", "--json", str(out)])
     threads = torch.get_num_threads()
     try:
         with pytest.raises(SystemExit) as done:
