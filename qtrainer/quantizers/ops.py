@@ -590,7 +590,8 @@ def _lambda_tensor(q, x: Tensor) -> Tensor | None:
             return None
         return t.detach().to(device=x.device, dtype=torch.float32).reshape(1)
     value = float(q.lambda_)
-    return None if value == 0.0 else torch.full((1,), value, device=x.device)
+    return None if value == 0.0 else torch.full((1,), value, device=x.device,
+                                                 dtype=torch.float32)
 
 
 def plan_supported(q) -> bool:
@@ -694,8 +695,7 @@ def fake_quant(q, x: Tensor) -> Tensor | None:
 __all__ = [
     "BACKENDS", "FUSED_MODES", "IDENTITY", "NOISE_CODES", "Plan", "apply", "backward",
     "clamp_grad_inclusive", "draw_seed", "fake_quant", "fused_enabled", "get_options",
-    "lsq_fake_quant",
-    "lsq_fake_quant_backward", "nipq_hard_fake_quant", "nipq_hard_fake_quant_backward",
-    "nipq_noise_fake_quant", "nipq_noise_fake_quant_backward", "nipq_noise_lut", "options",
-    "plan", "plan_supported", "set_backend", "set_fused",
+    "lsq_fake_quant", "lsq_fake_quant_backward", "nipq_hard_fake_quant",
+    "nipq_hard_fake_quant_backward", "nipq_noise_fake_quant", "nipq_noise_fake_quant_backward",
+    "nipq_noise_lut", "options", "plan", "plan_supported", "set_backend", "set_fused",
 ]
