@@ -155,7 +155,7 @@ def _initialized(x: torch.Tensor, bits: int, signed: bool, init: str, **kw) -> L
 @pytest.mark.parametrize("kind", ["gaussian", "relu_gaussian"])
 def test_mse_init_has_the_least_quantization_error(bits, kind):
     torch.manual_seed(bits)
-    x = torch.randn(20_000)
+    x = torch.randn(50_000)  # large enough for the fitted step at 8 bits (Q_P * g <= 0.1)
     signed = kind == "gaussian"
     if not signed:
         x = torch.relu(x)
@@ -186,7 +186,7 @@ def test_mse_init_known_values():
 
 def test_mse_init_per_channel_picks_each_channel():
     torch.manual_seed(3)
-    w = torch.randn(4, 8, 3, 3) * torch.tensor([0.01, 0.1, 1.0, 10.0]).view(4, 1, 1, 1)
+    w = torch.randn(4, 64, 3, 3) * torch.tensor([0.01, 0.1, 1.0, 10.0]).view(4, 1, 1, 1)
     q = _initialized(w, 3, True, "mse", per_channel=True, channels=4)
     for c in range(4):
         one = _initialized(w[c], 3, True, "mse")
@@ -222,12 +222,31 @@ def test_percentile_init_uses_that_percentile_of_abs(signed):
 
 def test_percentile_default_and_per_channel():
     torch.manual_seed(0)
-    w = torch.randn(3, 1000)
+    w = torch.randn(3, 20_000)
     q = _initialized(w, 8, True, "percentile", per_channel=True, channels=3)
     assert q.init_percentile == 99.9
     for c in range(3):
-        expected = w[c].abs().sort().values[999 - 1].item() / 127
+        expected = w[c].abs().sort().values[19_980 - 1].item() / 127
         assert q.step[c].item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("init", ["mse", "percentile"])
+def test_fitted_inits_keep_the_paper_step_where_one_clipped_element_dominates(init):
+    # 8-bit weights of a small layer (ResNet-20's fc: 640): Q_P * g = sqrt(127/640) ~ 0.45 > 0.1,
+    # where a tight step is driven negative by the gradients of the few clipped weights
+    torch.manual_seed(0)
+    fc = torch.randn(10, 64) * 0.1
+    q = _initialized(fc, 8, True, init)
+    assert q.step.item() == pytest.approx(_initialized(fc, 8, True, "lsq").step.item(), rel=1e-6)
+    assert 127 * q.grad_scale_value(fc) > 0.1
+    # the same values as a large tensor (an activation batch, or a big layer) get the fitted step
+    big = fc.repeat(40, 1)
+    assert 127 * q.grad_scale_value(big) <= 0.1
+    fitted = _initialized(big, 8, True, init).step.item()
+    assert fitted < 0.5 * _initialized(big, 8, True, "lsq").step.item()
+    # 2-bit weights of the same small layer: Q_P * g = sqrt(1/640) ~ 0.04, fitted
+    assert _initialized(fc, 2, True, "mse").step.item() != pytest.approx(
+        _initialized(fc, 2, True, "lsq").step.item(), rel=1e-3)
 
 
 @pytest.mark.parametrize("value", [0, -1, 100.5, True, "99"])

@@ -96,6 +96,10 @@ class LSQQuantizer(Quantizer):
             quantization MSE ``mean((Q(v) - v)^2)`` over a grid of fractions of the minmax step
             plus the lsq and minmax steps themselves, so never worse than either) or
             ``percentile`` (``s0 = P(|v|) / Q_P``, ``P`` the ``init_percentile`` percentile).
+            ``mse`` and ``percentile`` fall back to ``lsq`` where ``Q_P * g > 0.1`` (a small
+            tensor at many bits, such as an 8-bit first/last layer's weights: there one clipped
+            element's gradient drives a tight step negative; activations, whose ``g`` counts
+            the batch, and 2-4-bit weights get the fitted step).
         init_percentile: the percentile (0, 100] of ``|v|`` for ``init="percentile"``.
     """
 
@@ -181,7 +185,13 @@ class LSQQuantizer(Quantizer):
             return best_s
 
         flat = x.reshape(x.shape[0], -1) if self.per_channel else x.reshape(1, -1)
-        if self.init == "lsq":
+        # A tight, data-fitted step is unstable where one clipped element moves the step a lot:
+        # its gradient on s is Q_P * g (g the gradient scale). Above 0.1 (small high-bit
+        # tensors, e.g. ResNet-20's 8-bit first/last layer weights: ~0.45-0.55) the mse and
+        # percentile inits keep the paper's step, which clips nothing there (a least-MSE step
+        # for the 8-bit fc weights was driven below 0 within 40 steps at lr 0.01).
+        fitted = self.init in ("mse", "percentile") and q_p * self.grad_scale_value(x) <= 0.1
+        if self.init == "lsq" or (self.init in ("mse", "percentile") and not fitted):
             s0 = 2 * flat.abs().mean(dim=1) / math.sqrt(q_p)
         elif self.init == "percentile":
             n = flat.shape[1]  # nearest rank: the smallest |v| with >= pct% of |v| at or below

@@ -47,7 +47,10 @@ class LSQMethod:
         init: step size initialization. ``lsq``: ``2*mean|v|/sqrt(Q_P)`` (the paper);
             ``minmax``: ``max|v|/Q_P``; ``mse``: the step of least quantization MSE on the
             initializing tensor (a grid search that includes the lsq and minmax steps);
-            ``percentile``: the 99.9th percentile of ``|v|`` over ``Q_P``.
+            ``percentile``: the 99.9th percentile of ``|v|`` over ``Q_P``. ``mse`` and
+            ``percentile`` keep ``lsq`` for tensors where one clipped element's step gradient
+            ``Q_P * g`` exceeds 0.1 (8-bit first/last layer weights), where a tight step is
+            unstable.
     """
 
     name: ClassVar[str] = "lsq"
