@@ -42,6 +42,9 @@ class TemperingQuantizer(LSQQuantizer):
         self.noise = check_choice("noise", noise, NOISES)
         self.noise_dist = check_choice("noise_dist", noise_dist, NOISE_DISTS)
         self.generator: torch.Generator | None = None
+        # lambda as a device tensor too: the fused ops read it, so a new value does not
+        # recompile under torch.compile
+        self.register_buffer("lambda_tensor", torch.zeros(1), persistent=False)
         self.set_lambda(lambda_)
 
     def set_lambda(self, value: float) -> None:
@@ -50,6 +53,7 @@ class TemperingQuantizer(LSQQuantizer):
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"lambda={value!r} must be a finite number >= 0")
         self.lambda_ = value
+        self.lambda_tensor.fill_(value)
 
     def sample_noise(self, x: torch.Tensor) -> torch.Tensor:
         """``xi`` (zero mean, unit variance) or ``u ~ U(-1/2, 1/2)``, shaped like ``x``, fp32."""
