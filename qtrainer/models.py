@@ -14,6 +14,7 @@ import inspect
 import math
 import os
 import pickle
+import re
 import zipfile
 from typing import Callable, Sequence
 
@@ -280,6 +281,19 @@ def _strip_prefix(state: dict, model_keys: set[str]) -> dict:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def load_error_reason(e: BaseException) -> str:
+    """A one-line reason why ``torch.load`` refused a file. (torch's weights-only message spans
+    paragraphs and suggests ``weights_only=False``, which is no advice for an untrusted file.)"""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            reason = line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0]
+            return (f"it holds more than weights ({reason}); checkpoints are never unpickled "
+                    "into code")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first}"
+
+
 def load_checkpoint_weights(
     model: nn.Module, path: str | os.PathLike, strict: bool = True
 ) -> nn.Module:
@@ -306,7 +320,8 @@ def load_checkpoint_weights(
         RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile
     ) as e:
         raise ValueError(
-            f"could not read checkpoint {path!r} (truncated or not a PyTorch file?): {e}"
+            f"could not read checkpoint {path!r} (truncated or not a PyTorch file?): "
+            f"{load_error_reason(e)}"
         ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - older callback module
     def peek_batch(loader, n: int = 8):
         return next(iter(loader))
 from .lit_module import ClassificationModule
+from .models import load_error_reason
 from .nn import QuantizedLayer
 from .recipes import Recipe, RecipeError, load_recipe
 from .resources import summarize
@@ -61,9 +62,57 @@ _QUIET = (r".*does not have many workers.*", r".*The number of training batches.
 # ----------------------------------------------------------------------------- plumbing
 
 
+DIGEST_KEY = "sha256"
+"""Key of ``checkpoint["qtrainer"]`` holding :func:`checkpoint_digest`."""
+
+
+def _feed(h, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, Mapping):
+        h.update(f"D{len(obj)}:".encode())
+        for key in sorted(obj, key=repr):
+            _feed(h, key)
+            _feed(h, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}:".encode())
+        for item in obj:
+            _feed(h, item)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def checkpoint_digest(checkpoint: Mapping) -> str:
+    """sha256 of everything in a checkpoint (weights, optimizer and loop states, RNG...) but
+    the digest itself: names, dtypes, shapes and bytes of every tensor. (torch's zip reader
+    checks no CRC: a flipped byte in a tensor loads silently.)"""
+    import hashlib
+
+    meta = checkpoint.get("qtrainer")
+    if isinstance(meta, Mapping):
+        checkpoint = {**checkpoint, "qtrainer": {k: v for k, v in meta.items() if k != DIGEST_KEY}}
+    h = hashlib.sha256()
+    _feed(h, checkpoint)
+    return h.hexdigest()
+
+
+def check_checkpoint_digest(checkpoint: Any, path) -> None:
+    """Raise ``ValueError`` naming ``path`` when a checkpoint differs from the digest written
+    with it (checkpoints without one, e.g. from other tools, pass)."""
+    meta = checkpoint.get("qtrainer") if isinstance(checkpoint, dict) else None
+    expected = meta.get(DIGEST_KEY) if isinstance(meta, dict) else None
+    if expected is not None and checkpoint_digest(checkpoint) != expected:
+        raise ValueError(f"checkpoint {os.fspath(path)!r} does not match the checksum written "
+                         "with it: it was modified or damaged after it was saved")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint I/O whose local writes are atomic (:mod:`qtrainer.atomic`): a
-    checkpoint file is always either the previous complete one or the new complete one.
+    checkpoint file is always either the previous complete one or the new complete one. Its
+    :func:`checkpoint_digest` goes into ``checkpoint["qtrainer"]["sha256"]`` and is checked on
+    load, which reads the file with ``weights_only=True``.
 
     (Lightning's own ``_atomic_save`` writes through an fsspec transaction into a temporary file
     in the system temp folder and then moves it, which is a copy, not a rename, when that folder
@@ -78,6 +127,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
         target = target.removeprefix("file://")
         os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        if isinstance(checkpoint.get("state_dict"), Mapping):  # a Lightning checkpoint
+            meta = checkpoint.get("qtrainer")
+            checkpoint["qtrainer"] = {**(meta if isinstance(meta, dict) else {}),
+                                      DIGEST_KEY: checkpoint_digest(checkpoint)}
         with atomic_write(target) as f:
             torch.save(checkpoint, f)
 
@@ -87,14 +140,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         (tensors, numbers, strings and containers; nothing is unpickled into code), and a
         truncated, damaged or tampered file is a ``ValueError`` naming it."""
         try:
-            return super().load_checkpoint(path, map_location=map_location,
-                                           weights_only=True if weights_only is None else weights_only)
+            checkpoint = super().load_checkpoint(
+                path, map_location=map_location,
+                weights_only=True if weights_only is None else weights_only)
         except FileNotFoundError:
             raise
         except Exception as e:  # noqa: BLE001 - zip, pickle, torch and OS errors alike
             raise ValueError(f"could not read checkpoint {os.fspath(path)!r} (truncated, damaged "
-                             f"or not a checkpoint of weights): {type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
+                             f"or not a checkpoint of weights): {load_error_reason(e)}") from None
+        check_checkpoint_digest(checkpoint, path)
+        return checkpoint
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -908,7 +963,9 @@ def load_checkpoint_model(ckpt: str | os.PathLike, cfg: RunConfig):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"could not read checkpoint {ckpt}: {e}") from None
+        raise ValueError(f"could not read checkpoint {ckpt} (truncated, damaged or not a "
+                         f"checkpoint of weights): {load_error_reason(e)}") from None
+    check_checkpoint_digest(state, ckpt)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -928,5 +985,5 @@ def load_checkpoint_model(ckpt: str | os.PathLike, cfg: RunConfig):
 
 
 __all__ = ["AtomicCheckpointIO", "EpochShuffleSampler", "JobResult", "QTrainer", "RunResult",
-           "find_run_file", "layer_table", "load_checkpoint_model", "make_loader", "prepare",
-           "pretrain", "run"]
+           "check_checkpoint_digest", "checkpoint_digest", "find_run_file", "layer_table",
+           "load_checkpoint_model", "make_loader", "prepare", "pretrain", "run"]
