@@ -129,8 +129,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
         if isinstance(checkpoint.get("state_dict"), Mapping):  # a Lightning checkpoint
             meta = checkpoint.get("qtrainer")
-            checkpoint["qtrainer"] = {**(meta if isinstance(meta, dict) else {}),
-                                      DIGEST_KEY: checkpoint_digest(checkpoint)}
+            meta = {k: v for k, v in (meta if isinstance(meta, dict) else {}).items()
+                    if k != DIGEST_KEY}
+            checkpoint["qtrainer"] = meta  # the digest covers the checkpoint as it is loaded
+            meta[DIGEST_KEY] = checkpoint_digest(checkpoint)
         with atomic_write(target) as f:
             torch.save(checkpoint, f)
 
