@@ -207,3 +207,25 @@ def test_a_changed_recipe_resumes_only_with_allow_recipe_change(finished, tmp_pa
     summary = json.loads((fresh / "out" / "summary.json").read_text())
     assert summary["recipe_hash"] == load_recipe(other).content_hash()
     assert [layer["weight_bits"] for layer in summary["layers"]] == [8, 3, 3, 8]
+
+
+def test_checkpoint_io_checksum_round_trip(tmp_path):
+    """AtomicCheckpointIO alone: any Lightning checkpoint it writes (with or without the
+    callback's ``qtrainer`` entry) loads back; an edited copy is refused by name."""
+    from qtrainer.trainer import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    for i, extra in enumerate([{}, {"qtrainer": {"recipe_hash": "x"}},
+                               {"qtrainer": {"sha256": "stale"}}]):
+        path = tmp_path / f"c{i}.ckpt"
+        ckpt = {"epoch": 3, "state_dict": {"w": torch.arange(6.0).reshape(2, 3)},
+                "optimizer_states": [{"state": {0: {"momentum_buffer": torch.ones(2)}}}], **extra}
+        io.save_checkpoint(ckpt, path)
+        loaded = io.load_checkpoint(path)
+        assert loaded["epoch"] == 3 and torch.equal(loaded["state_dict"]["w"], ckpt["state_dict"]["w"])
+        loaded["optimizer_states"][0]["state"][0]["momentum_buffer"][1] = 2.0  # not only weights
+        torch.save(loaded, tmp_path / "edited.ckpt")
+        with pytest.raises(ValueError, match=r"edited\.ckpt.*does not match the checksum"):
+            io.load_checkpoint(tmp_path / "edited.ckpt")
+    torch.save({"epoch": 1, "state_dict": {}}, tmp_path / "foreign.ckpt")  # no checksum: loads
+    assert io.load_checkpoint(tmp_path / "foreign.ckpt")["epoch"] == 1
