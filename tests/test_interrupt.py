@@ -38,13 +38,13 @@ COLUMNS = ("val_acc", "val_loss", "train_loss_epoch", "qat/lambda", "qat/avg_act
 
 
 def run_file(folder: Path) -> Path:
-    """Tempering W4A4 of a small CNN on digits: 3 epochs of 41 batches of 32 images."""
+    """Tempering W4A4 of a small CNN on digits: 3 epochs of 81 batches of 16 images."""
     raw = {"seed": 0, "num_threads": 1, "output_dir": str(folder / "out"),
            "recipe": {"extends": "tempering-4bit", "name": "interrupt-tempering",
                       "optimizer": {"lr": 0.01}, "weight_decay": {"base": 5e-4},
                       "phases": {"epochs": EPOCHS}},
            "model": {"name": "small_cnn", "width": 8},
-           "data": {"name": "digits", "batch_size": 32},
+           "data": {"name": "digits", "batch_size": 16},
            "trainer": {"enable_progress_bar": False, "log_every_n_steps": 20},
            "export": ["int"]}
     folder.mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,7 @@ def test_sigkill_and_sigint_mid_epoch_resume_to_the_uninterrupted_run(tmp_path):
     # all three at once (each on one thread): the straight run's epoch time, measured under
     # the same load, bounds when the signals went out
     procs = {name: start(path) for name, path in paths.items()}
-    delay = 0.5
+    delay = 0.25
     seen = watch(procs, {"sigkill": (signal.SIGKILL, delay), "sigint": (signal.SIGINT, delay)})
     outputs = {name: p.communicate()[0] for name, p in procs.items()}
 
