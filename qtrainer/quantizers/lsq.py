@@ -160,10 +160,11 @@ class LSQQuantizer(Quantizer):
         def _least_mse_step(flat, s_max, s_lsq):
             """Per row of ``flat``, the step of least quantization MSE among ``s_max * f`` for
             a coarse grid of ``f`` in (0, 1], a finer grid around the best of those, and the
-            steps ``s_max`` (minmax) and ``s_lsq`` (the paper's). Searched on at most 2^20
-            elements per row (an even stride through the tensor)."""
-            if flat.shape[1] > 1 << 20:
-                flat = flat[:, :: math.ceil(flat.shape[1] / (1 << 20))]
+            steps ``s_max`` (minmax) and ``s_lsq`` (the paper's). Searched on at most 2^16
+            elements per row (an even stride through the tensor: the error curve of a large
+            activation batch is estimated closely enough, at a fraction of the cost)."""
+            if flat.shape[1] > 1 << 16:
+                flat = flat[:, :: math.ceil(flat.shape[1] / (1 << 16))]
 
             def mse(s):
                 s = s.clamp(min=1e-8)[:, None]
