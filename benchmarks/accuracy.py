@@ -100,7 +100,9 @@ def load_plan(path: Path, quick: bool) -> dict:
         q = plan.get("quick") or {}
         plan["common"] = {**plan["common"], **(q.get("common") or {})}
         plan["fp"] = {**plan["fp"], "overrides": {**plan["fp"]["overrides"], **(q.get("fp") or {})}}
-        plan["qat_epochs"] = q.get("qat_epochs", plan["qat_epochs"])
+        for key in ("qat_epochs", "qat_epochs_min", "qat_epochs_max"):
+            if key in q:
+                plan[key] = q[key]
         wanted = q.get("rows") or names
         unknown = [n for n in wanted if n not in names]
         if unknown:
@@ -117,12 +119,12 @@ def device_overrides(device: str) -> dict:
     return {"trainer.accelerator": "gpu", "data.device": "cuda"}
 
 
-def device_name(device: str) -> str:
+def device_name(device: str, threads: int | None = None) -> str:
     import torch
 
     if device == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"cpu ({torch.get_num_threads()} threads)"
+    return f"cpu ({threads or torch.get_num_threads()} threads)"
 
 
 def _rel(path: Path, start: Path) -> str:
@@ -149,6 +151,7 @@ class Job:
                  output_dir: Path):
         self.key, self.row, self.seed = key, row, seed
         self.run_file, self.overrides, self.output_dir = run_file, overrides, output_dir
+        self.fresh = False  # start again even where the folder holds a (finished) run
 
     @property
     def is_fp(self) -> bool:
@@ -379,17 +382,29 @@ def _fp_record(job: Job, echo) -> dict:
 
     cfg = job.load()
     out = cfg.output_dir
+    if job.fresh:  # --redo fp: train it again
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.yaml").write_text(cfg.to_yaml())  # for qtrainer eval of fp.ckpt
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    bundle, model = prepare(cfg)
-    last = out / "pretrain" / "checkpoints" / "last.ckpt"
-    resumed = last.is_file() and not (out / "fp.ckpt").is_file()
-    rec = pretrain(model, bundle, cfg, out, resume=resumed, echo=echo)
-    trainer_kwargs = {k: v for k, v in cfg.trainer.items() if k != "max_epochs"}
-    module = ClassificationModule(model, bundle.num_classes)
-    val = evaluate_module(module, bundle.val_loader(), trainer_kwargs) \
-        if bundle.val is not None else None
+    import torch
+
+    threads = torch.get_num_threads()
+    if cfg.num_threads is not None:  # as qtrainer.trainer.run does
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        bundle, model = prepare(cfg)
+        last = out / "pretrain" / "checkpoints" / "last.ckpt"
+        resumed = last.is_file() and not (out / "fp.ckpt").is_file()
+        rec = pretrain(model, bundle, cfg, out, resume=resumed, echo=echo)
+        trainer_kwargs = {k: v for k, v in cfg.trainer.items() if k != "max_epochs"}
+        module = ClassificationModule(model, bundle.num_classes)
+        val = evaluate_module(module, bundle.val_loader(), trainer_kwargs) \
+            if bundle.val is not None else None
+    finally:
+        torch.set_num_threads(threads)
     if val is not None and "val_acc" not in rec:
         rec["val_acc"] = val["acc"]
         write_json(out / "fp.json", rec)
@@ -406,7 +421,7 @@ def _qat_record(job: Job, echo) -> dict:
 
     cfg = job.load()
     last = cfg.output_dir / "checkpoints" / "last.ckpt"
-    resumed = last.is_file()
+    resumed = last.is_file() and not job.fresh
     try:
         result = run(cfg, resume=resumed, overwrite=not resumed, echo=echo)
     except RecipeError as e:  # the folder holds a run of another configuration
@@ -446,7 +461,8 @@ def run_job(job: Job, device: str, fp: dict | None, echo, expected: float | None
         label=job.row.get("label") or _bits_label(rec.get("bits")),
         method_label=job.row.get("method", rec.get("method")),
         fit_time_per_epoch_s=rec["wall_time_s"] / epochs if epochs else None,
-        row_wall_time_s=wall, device=device_name(device), command=job.command,
+        row_wall_time_s=wall, device=device_name(device, job.overrides.get("num_threads")),
+        command=job.command,
         run_file=job.run_file, overrides=job.overrides, output_dir=str(job.output_dir),
         fingerprint=job.fingerprint(), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     if rec.get("time_per_epoch_s") is None:
@@ -608,7 +624,7 @@ def _environment(device: str, plan: dict, jobs: list[Job]) -> dict:
     import torch
 
     over = jobs[0].overrides
-    return {"device": device_name(device), "torch": torch.__version__,
+    return {"device": device_name(device, over.get("num_threads")), "torch": torch.__version__,
             "lightning": lightning.__version__, "precision": over.get("trainer.precision"),
             "batch_size": over.get("data.batch_size"),
             "data": "npz-jpeg CIFAR-10 (default root), device-resident"
@@ -770,6 +786,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--redo: no row {name!r} in {out}")
         for k in dropped:
             del data["rows"][k]
+        for job in jobs:
+            job.fresh = job.fresh or job.key in dropped
     data["command"] = " ".join(["python", "benchmarks/accuracy.py",
                                 *map(shlex.quote, argv if argv is not None else sys.argv[1:])])
     data["environment"] = _environment(device, plan, jobs)

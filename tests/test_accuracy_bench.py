@@ -134,14 +134,18 @@ def test_clock_stops_before_an_epoch_that_would_miss_the_deadline(tmp_path):
     assert len(again.summary()["epoch_times_s"]) == 2
 
 
-@pytest.mark.skipif(not _have_cifar(), reason="CIFAR-10 JPEG data not found")
-def test_quick_run_writes_rows_then_skips_them(tmp_path, capsys, monkeypatch):
+def _no_plots(monkeypatch):
     import qtrainer.report
 
     def no_plots(job_dir):  # matplotlib takes seconds per run here; the runner goes on without
         raise qtrainer.report.PlotsUnavailable("not in this test")
 
     monkeypatch.setattr(qtrainer.report, "make_plots", no_plots)
+
+
+@pytest.mark.skipif(not _have_cifar(), reason="CIFAR-10 JPEG data not found")
+def test_quick_run_writes_rows_then_skips_them(tmp_path, capsys, monkeypatch):
+    _no_plots(monkeypatch)
     bench = _bench()
     out = tmp_path / "results" / "accuracy.json"
     assert bench.main(["--out", str(out), "--quick", "--device", "cpu"]) == 0
@@ -204,3 +208,47 @@ def test_quick_run_writes_rows_then_skips_them(tmp_path, capsys, monkeypatch):
     # a full-mode call refuses to mix with the quick table
     with pytest.raises(SystemExit, match="quick"):
         bench.main(["--out", str(out), "--device", "cpu", "--rows", "lsq-w4a4"])
+
+
+@pytest.mark.skipif(not _have_cifar(), reason="CIFAR-10 JPEG data not found")
+def test_time_limit_stops_at_an_epoch_and_the_next_call_resumes(tmp_path, capsys, monkeypatch):
+    """The time limit interrupts a job the way Ctrl-C interrupts qtrainer run; the next call
+    resumes it from its last.ckpt, keeping the epoch times of the earlier call."""
+    import signal
+
+    _no_plots(monkeypatch)
+    bench = _bench()
+    out = tmp_path / "accuracy.json"
+    argv = ["--out", str(out), "--quick", "--device", "cpu", "--rows", "nipq-mp-3bit",
+            "--fp-epochs", "2", "--qat-epochs", "2"]
+    original = bench.Clock.on_epoch_start
+    stopped: list[str] = []
+
+    def deadline_at_epoch_1(self, epoch):  # as if the limit came at the start of epoch 1
+        if epoch == 1 and str(self.path) not in stopped:
+            stopped.append(str(self.path))
+            self.deadline = time.monotonic()
+        try:
+            return original(self, epoch)
+        finally:
+            self.deadline = None
+
+    handler = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT after an interrupt
+    monkeypatch.setattr(bench.Clock, "on_epoch_start", deadline_at_epoch_1)
+    try:
+        assert bench.main(argv) == 3  # the FP model stops after epoch 0
+        assert "fp" not in json.loads(out.read_text())["rows"]
+        assert (tmp_path / "runs/fp/pretrain/checkpoints/last.ckpt").is_file()
+        assert bench.main(argv) == 3  # FP resumed and finished; the row stops after epoch 0
+        rows = json.loads(out.read_text())["rows"]
+        assert rows["fp"]["resumed"] and len(rows["fp"]["epoch_times_s"]) == 2
+        assert "nipq-mp-3bit" not in rows
+        monkeypatch.setattr(bench.Clock, "on_epoch_start", original)
+        assert bench.main(argv) == 0  # the row resumed from its last.ckpt
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    row = json.loads(out.read_text())["rows"]["nipq-mp-3bit"]
+    assert row["resumed"] and row["epochs"] == 2 and len(row["epoch_times_s"]) == 2
+    assert len(stopped) == 2
+    text = capsys.readouterr().out
+    assert text.count("stopped by --time-limit after 1 epochs") == 2
