@@ -2,9 +2,11 @@
 W4A4, W3A3, W2A2, NIPQ mixed precision at 3 and 4 average bits, and the textbook-LSQ control.
 
     python benchmarks/accuracy.py --out benchmarks/results/accuracy.json --device cuda
+    python benchmarks/accuracy.py --out runs/accuracy/accuracy.json --device cuda \
+        --budget-min 22 --time-limit 560 --export-dir $OUT       # in 10-minute calls
     python benchmarks/accuracy.py --out /tmp/acc.json --quick          # CPU smoke test, ~30 s
     python benchmarks/accuracy.py --out ... --rows lsq-w2a2,nipq-w2a2  # some rows only
-    python benchmarks/accuracy.py --out ... --list                     # rows and commands
+    python benchmarks/accuracy.py --out ... --list                     # jobs and commands
 
 Everything goes through the product: the FP model is the ``pretrain`` stage of
 ``recipes/cifar10_resnet20_lsq.yaml`` (:func:`qtrainer.trainer.pretrain`, which writes and later
@@ -107,7 +109,7 @@ def load_plan(path: Path, quick: bool) -> dict:
         unknown = [n for n in wanted if n not in names]
         if unknown:
             raise SystemExit(f"{path}: quick.rows names unknown rows {unknown}")
-        plan["rows"] = [{**r, "default": True} for r in plan["rows"] if r["name"] in wanted]
+        plan["rows"] = [{**r, "default": r["name"] in wanted} for r in plan["rows"]]
     return plan
 
 

@@ -252,3 +252,19 @@ def test_time_limit_stops_at_an_epoch_and_the_next_call_resumes(tmp_path, capsys
     assert len(stopped) == 2
     text = capsys.readouterr().out
     assert text.count("stopped by --time-limit after 1 epochs") == 2
+
+
+def test_budget_chooses_equal_qat_epochs(tmp_path):
+    bench = _bench()
+    rates = {"lsq": 4.0, "nipq": 6.0}
+    pending = ["lsq"] * 9 + ["nipq"] * 6  # the 15 QAT jobs of the table
+    # 22 min, 8 used by FP and calibration: (840 - 15*15) / (9*4 + 6*6) = 8.5 -> 8
+    assert bench.choose_qat_epochs(22 * 60, 8 * 60, pending, rates, 15.0, 5, 30) == 8
+    assert bench.choose_qat_epochs(60 * 60, 8 * 60, pending, rates, 15.0, 5, 30) == 30  # capped
+    assert bench.choose_qat_epochs(10 * 60, 9 * 60, pending, rates, 15.0, 5, 30) == 5  # floor
+    plan = bench.load_plan(bench.DEFAULT_ROWS, quick=False)
+    cal = bench.calibration_jobs(plan, tmp_path, "cuda")
+    assert [j.key for j in cal] == ["calibration-lsq", "calibration-nipq"]
+    assert [j.load().recipe.method.name for j in cal] == ["tempering", "nipq"]
+    assert all(j.load().recipe.phases.epochs == 2 for j in cal)
+    assert 8 <= plan["qat_epochs_min"] <= plan["qat_epochs"] <= plan["qat_epochs_max"]
