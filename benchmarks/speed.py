@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from qtrainer.models import resnet20  # noqa: E402
-from qtrainer.nn import QuantizedLayer, quantizers  # noqa: E402
+from qtrainer.nn import QuantizedLayer, named_quantizers  # noqa: E402
 from qtrainer.quantizers import (LSQFunction, LSQQuantizer, NIPQQuantizer,  # noqa: E402
                                  TemperingQuantizer, kernels, ops)
 from qtrainer.recompute import set_recompute  # noqa: E402
@@ -227,7 +227,7 @@ def run_variant(name, mode, variant, args, device):
         ms, peak, times = timed(step, warmup, args.iters, device)
         row.update(ms_per_step=ms, ms_p10=_pct(times, 10), ms_p90=_pct(times, 90),
                    peak_mb=peak, wall_s=time.perf_counter() - t0,
-                   quantizers=sum(1 for _ in quantizers(model)))
+                   quantizers=sum(1 for _ in named_quantizers(model)))
     except Exception as exc:  # keep the other rows
         row["error"] = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()

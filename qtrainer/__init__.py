@@ -4,7 +4,7 @@
 """
 
 from .callback import QuantizationCallback
-from .nn import QuantConv1d, QuantConv2d, QuantizedLayer, QuantLinear, quantizers
+from .nn import QuantConv1d, QuantConv2d, QuantizedLayer, QuantLinear, named_quantizers
 from .quantizers import LSQQuantizer, NIPQQuantizer, Quantizer, TemperingQuantizer, make_quantizer
 from .recipes import Recipe, RecipeError, get_recipe, list_recipes, load_recipe, register_recipe
 from .surgery import (LayerReport, fp_state_dict, initialize_quantizers, quantize_model,
@@ -17,6 +17,6 @@ __all__ = [
     "LSQQuantizer", "LayerReport", "NIPQQuantizer", "QTrainer", "QuantConv1d", "QuantConv2d", "QuantLinear",
     "QuantizationCallback", "Quantizer", "QuantizedLayer", "Recipe", "RecipeError",
     "TemperingQuantizer", "__version__", "fp_state_dict", "get_recipe", "initialize_quantizers",
-    "list_recipes", "load_recipe", "make_quantizer", "quantize_model", "quantizers",
+    "list_recipes", "load_recipe", "make_quantizer", "named_quantizers", "quantize_model",
     "register_recipe", "set_quantizers",
 ]

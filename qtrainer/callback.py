@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 
 from .bn import reestimate_batchnorm
-from .nn import QuantizedLayer, quantizers
+from .nn import QuantizedLayer, named_quantizers
 from .quantizers import NIPQQuantizer, Quantizer, TemperingQuantizer
 from .recipes import Recipe, RecipeError, load_recipe
 from .resources import resource_loss, summarize
@@ -210,7 +210,7 @@ class QuantizationCallback(Callback):
         """
         wd = self.recipe.weight_decay
         role: dict[int, tuple[str, float]] = {}
-        for _, q in quantizers(pl_module):
+        for _, q in named_quantizers(pl_module):
             for p in q.parameters():
                 role[id(p)] = ("quantizers", wd.quantizer_params)
         for m in pl_module.modules():
@@ -278,7 +278,7 @@ class QuantizationCallback(Callback):
 
     # ------------------------------------------------------------------ per step
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if not all(q._ready for _, q in quantizers(pl_module)):
+        if not all(q._ready for _, q in named_quantizers(pl_module)):
             self._initialize(trainer, pl_module, batch)
         if self.lambda_schedule is not None:
             self._set_lambda(pl_module, trainer.global_step)
@@ -288,13 +288,13 @@ class QuantizationCallback(Callback):
         initialize_quantizers(pl_module, self.input_fn(batch))
         if trainer.world_size > 1:
             with torch.no_grad():
-                for _, q in quantizers(pl_module):
+                for _, q in named_quantizers(pl_module):
                     for p in q.parameters():
                         p.copy_(trainer.strategy.reduce(p.detach().clone(), reduce_op="mean"))
 
     def _set_lambda(self, pl_module, step: int) -> None:
         value = self.lambda_schedule(step)
-        for _, q in quantizers(pl_module):
+        for _, q in named_quantizers(pl_module):
             if isinstance(q, TemperingQuantizer):
                 q.set_lambda(value)
         self.current_lambda = value
@@ -324,7 +324,7 @@ class QuantizationCallback(Callback):
 
     def _check_quantizers(self, trainer, pl_module) -> None:
         """Every quantizer parameter finite and every step size positive, else stop."""
-        named = list(quantizers(pl_module))
+        named = list(named_quantizers(pl_module))
         if not named:
             return
         values = torch.cat([p.detach().float().reshape(-1) for _, q in named for p in q.parameters()]
@@ -360,7 +360,7 @@ class QuantizationCallback(Callback):
                 self._reestimate_bn(trainer, pl_module)
 
     def _enter_hard(self, pl_module) -> None:
-        for _, q in quantizers(pl_module):
+        for _, q in named_quantizers(pl_module):
             if isinstance(q, NIPQQuantizer) and q.learn_bits:
                 q.freeze_bits()
             q.set_hard(True)
@@ -390,7 +390,7 @@ class QuantizationCallback(Callback):
         if self.lambda_schedule is not None:
             out["qat/lambda"] = self.current_lambda
         if self.log_layers:
-            for name, q in quantizers(pl_module):
+            for name, q in named_quantizers(pl_module):
                 out[f"qat_bits/{name}"] = float(q.bits)
                 out[f"qat_step/{name}"] = float(q.step_size.detach().float().mean())
         return out

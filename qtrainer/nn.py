@@ -101,7 +101,7 @@ QUANTIZED_TYPES: dict[type[nn.Module], type[QuantizedLayer]] = {
 }
 
 
-def quantizers(model: nn.Module):
+def named_quantizers(model: nn.Module):
     """Yield ``(qualified_name, quantizer)`` for every quantizer in ``model``."""
     for name, module in model.named_modules():
         if isinstance(module, Quantizer):

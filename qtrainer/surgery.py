@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .nn import QUANTIZED_TYPES, QuantizedLayer, quantizers
+from .nn import QUANTIZED_TYPES, QuantizedLayer, named_quantizers
 from .quantizers import METHODS, Quantizer, check_bits, check_choice, make_quantizer
 
 OVERRIDE_KEYS = ("weight_bits", "act_bits", "signed_input", "skip")
@@ -244,7 +244,7 @@ def initialize_quantizers(model: nn.Module, *batch, **kwargs) -> int:
             layer.weight_quantizer.initialize(layer.weight.detach())
         if layer.input_quantizer is not None:
             layer.input_quantizer._ready = False
-    named_q = dict(quantizers(model))
+    named_q = dict(named_quantizers(model))
     hard = {q: q.hard for q in named_q.values()}
     saved = {k: b.clone() for k, b in model.named_buffers() if k.rpartition(".")[0] not in named_q}
     try:
@@ -263,14 +263,14 @@ def initialize_quantizers(model: nn.Module, *batch, **kwargs) -> int:
 
 def fp_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict without quantizer entries: loads into the full-precision model."""
-    names = {n for n, _ in quantizers(model)}
+    names = {n for n, _ in named_quantizers(model)}
     return {k: v for k, v in model.state_dict().items()
             if not any(k.startswith(n + ".") for n in names)}
 
 
 def set_quantizers(model: nn.Module, *, enabled: bool | None = None, hard: bool | None = None) -> None:
     """Enable/disable every quantizer, or switch every one between noise and hard mode."""
-    for _, q in quantizers(model):
+    for _, q in named_quantizers(model):
         if enabled is not None:
             q.enabled = enabled
         if hard is not None:

@@ -13,12 +13,12 @@ from lightning import pytorch as pl
 sys.path.insert(0, str(Path(__file__).parent))
 from lit_helpers import LitCNN, cifar_tensors  # noqa: E402
 
-from qtrainer import quantizers  # noqa: E402
+from qtrainer import named_quantizers  # noqa: E402
 from qtrainer.callback import QuantizationCallback  # noqa: E402
 
 
 def quantizer_state(module):
-    return {f"{n}.{k}": v.detach().clone() for n, q in quantizers(module)
+    return {f"{n}.{k}": v.detach().clone() for n, q in named_quantizers(module)
             for k, v in q.state_dict().items()}
 
 

@@ -8,7 +8,7 @@ import torch
 from lightning import pytorch as pl
 from lit_helpers import LitCNN, cifar_tensors, loaders
 
-from qtrainer import LSQQuantizer, QuantizedLayer, quantizers
+from qtrainer import LSQQuantizer, QuantizedLayer, named_quantizers
 from qtrainer.callback import QuantizationCallback
 from qtrainer.recipes import RecipeError
 
@@ -49,14 +49,14 @@ def test_each_method_learns_real_images_and_logs(recipe, data):
     for key in ("qat/avg_act_bits", "qat/size_mb", "qat/gbops", "qat/phase_hard"):
         assert key in m
     assert m["qat/gbops"] > 0 and m["qat/size_mb"] > 0
-    names = [n for n, _ in quantizers(module)]
+    names = [n for n, _ in named_quantizers(module)]
     assert f"qat_bits/{names[0]}" in m and f"qat_step/{names[-1]}" in m
     if recipe.startswith("tempering"):
         total = cb.total_steps
         assert m["qat/lambda"] == pytest.approx(math.exp(-5 * (total - 1) / total), rel=1e-6)
     if recipe.startswith("nipq"):
         assert m["qat/phase_hard"] == 1.0 and cb.phase == "hard"
-        assert all(q.hard for _, q in quantizers(module))
+        assert all(q.hard for _, q in named_quantizers(module))
 
 
 def test_weight_decay_per_group_follows_precision(data):
@@ -67,7 +67,7 @@ def test_weight_decay_per_group_follows_precision(data):
     assert groups["weights_2bit"]["weight_decay"] == pytest.approx(base * 0.25)
     assert groups["weights_8bit"]["weight_decay"] == pytest.approx(base)
     assert groups["quantizers"]["weight_decay"] == 0.0
-    q_params = {id(p) for _, q in quantizers(module) for p in q.parameters()}
+    q_params = {id(p) for _, q in named_quantizers(module) for p in q.parameters()}
     assert {id(p) for p in groups["quantizers"]["params"]} == q_params
     two_bit = {id(m.weight) for m in module.modules() if isinstance(m, QuantizedLayer)
                and m.weight_quantizer.bits == 2}
@@ -122,7 +122,7 @@ def test_nipq_mixed_precision_reaches_average_bit_target(data):
     assert abs(m["qat/avg_weight_bits"] - 4.0) <= 0.25
     assert abs(m["qat/avg_act_bits"] - 4.0) <= 0.25
     assert "qat/resource_loss" in m
-    assert all(not q.learn_bits for _, q in quantizers(module))  # frozen in the hard phase
+    assert all(not q.learn_bits for _, q in named_quantizers(module))  # frozen in the hard phase
 
 
 def test_resume_equals_uninterrupted(tmp_path, data):
@@ -208,9 +208,9 @@ def test_accumulation_and_bf16_with_mixed_precision_loss(data):
                         overrides={"phases.hard_epochs": 1, "phases.bn_reestimation_batches": 1,
                                    "mixed_precision.w_scale": 50.0})
     assert t.global_step == 2  # 2 batches per epoch, accumulate 2 -> 1 step per epoch
-    theta = [q.theta_b for _, q in quantizers(module)]
+    theta = [q.theta_b for _, q in named_quantizers(module)]
     assert any(p.item() != 0.0 for p in theta)  # the resource loss moved the bits
-    assert torch.isfinite(torch.stack([p for _, q in quantizers(module) for p in q.parameters()])).all()
+    assert torch.isfinite(torch.stack([p for _, q in named_quantizers(module) for p in q.parameters()])).all()
 
 
 def test_lightning_cli_adds_the_callback(data):

@@ -14,7 +14,7 @@ import torch._dynamo
 from torch import nn
 from torch._dynamo.utils import counters
 
-from qtrainer.nn import quantizers
+from qtrainer.nn import named_quantizers
 from qtrainer.quantizers import ops
 from qtrainer.recompute import set_recompute
 from qtrainer.surgery import initialize_quantizers, quantize_model
@@ -70,14 +70,14 @@ def test_tempering_schedule_does_not_recompile_with_a_lambda_tensor():
     change the noise weight every step without recompiling (or re-recording a CUDA graph)."""
     model, x = _model("tempering", {"noise_dist": "gaussian"})
     set_recompute(model, False)  # the plain layers here (the other tests recompute)
-    for _, q in quantizers(model):
+    for _, q in named_quantizers(model):
         q.register_buffer("lambda_tensor", torch.ones(1), persistent=False)
     with ops.options(fused="on", backend="torch"):
         torch._dynamo.reset()
         counters.clear()
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         for step, lam in enumerate([1.0, 0.6, 0.0, 0.3]):
-            for _, q in quantizers(model):
+            for _, q in named_quantizers(model):
                 q.set_lambda(lam)
                 q.lambda_tensor.fill_(lam)
             y1, g1 = _step(compiled, x, step)

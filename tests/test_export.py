@@ -25,7 +25,7 @@ from qtrainer.export import export, fold_batchnorm, load_int, pack_codes, read_h
 from qtrainer.export._common import eval_copy, quantized_layers
 from qtrainer.export.int_format import storage_dtype
 from qtrainer.models import SmallCNN, resnet20
-from qtrainer.nn import quantizers
+from qtrainer.nn import named_quantizers
 from qtrainer.quantizers import NIPQQuantizer
 
 ort = pytest.importorskip("onnxruntime")
@@ -136,11 +136,11 @@ def _quantize(fp, xtr, ytr, method, bits, kwargs=None, mixed=False, qat_steps=12
     quantize_model(model, method=method, weight_bits=bits, act_bits=bits,
                    method_kwargs=kwargs or {}, example_input=xtr[:2])
     if mixed:
-        for (_, q), b in zip(quantizers(model), MIXED_BITS * 4):
+        for (_, q), b in zip(named_quantizers(model), MIXED_BITS * 4):
             _set_bits(q, b)
     initialize_quantizers(model, xtr[:256])
     _train(model, xtr, ytr, steps=qat_steps, lr=1e-3, seed=1)
-    for _, q in quantizers(model):
+    for _, q in named_quantizers(model):
         if isinstance(q, NIPQQuantizer):
             q.freeze_bits()
     set_quantizers(model, hard=True)
@@ -201,7 +201,7 @@ def test_onnx_qdq_parity_on_cifar(qmodels, logits, cifar, tmp_path, name):
     for lname, _ in layers:  # weights are integer initializers, no FP copy of them
         assert inits[f"{lname}.weight_quantizer.codes"].data_type == onnx.TensorProto.INT8
         assert f"{lname}.weight" not in inits
-    bits = {q.bits for n, q in quantizers(model) if n.endswith("input_quantizer")}
+    bits = {q.bits for n, q in named_quantizers(model) if n.endswith("input_quantizer")}
     if min(bits) < 8:
         assert "Clip" in ops  # sub-8-bit activation ranges clipped in the float domain
     assert proto.metadata_props[0].key == "qtrainer"
@@ -225,10 +225,10 @@ def _random_quantized(method, bits, kwargs, mixed, x, first_last=8):
     quantize_model(model, method=method, weight_bits=bits, act_bits=bits, method_kwargs=kwargs,
                    first_last_bits=first_last, example_input=x[:2])
     if mixed:
-        for i, (_, q) in enumerate(quantizers(model)):
+        for i, (_, q) in enumerate(named_quantizers(model)):
             _set_bits(q, [2, 3, 4, 5, 6, 7, 8, 9, 12][i % 9])
     initialize_quantizers(model, x)
-    for i, (_, q) in enumerate(quantizers(model)):
+    for i, (_, q) in enumerate(named_quantizers(model)):
         if isinstance(q, NIPQQuantizer) and mixed and i % 2:
             q.freeze_bits()  # some frozen, some still learned
     return model.eval()
@@ -248,7 +248,7 @@ def test_int_round_trip_bit_identical(cifar, tmp_path, case):
     with torch.no_grad():
         out = loaded(x)
     assert torch.equal(out, ref)
-    assert not loaded.training and all(q.hard for _, q in quantizers(loaded))
+    assert not loaded.training and all(q.hard for _, q in named_quantizers(loaded))
     assert report["file_bytes"] == os.path.getsize(path)
     assert sum(c["share"] for c in report["categories"].values()) == pytest.approx(1.0)
 
@@ -446,7 +446,7 @@ def test_training_mode_warns_and_leaves_model_unchanged(qmodels, cifar, tmp_path
     with pytest.warns(UserWarning, match="training mode"):
         export(model, tmp_path / "m.safetensors")
     assert model.training and all(m.training for m in model.modules())
-    assert not any(q.hard for _, q in quantizers(model))
+    assert not any(q.hard for _, q in named_quantizers(model))
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     # the file holds the eval model with hard quantization

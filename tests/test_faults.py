@@ -9,7 +9,7 @@ import torch
 from lightning import pytorch as pl
 from lit_helpers import LitCNN, cifar_tensors, loaders
 
-from qtrainer import quantizers
+from qtrainer import named_quantizers
 from qtrainer.callback import QuantizationCallback, QuantizationFault
 
 
@@ -23,7 +23,7 @@ class Faulty(LitCNN):
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
         if self.trainer.global_step == self.at:
-            q = dict(quantizers(self))
+            q = dict(named_quantizers(self))
             if self.kind == "nan_loss":
                 loss = loss * float("nan")
             elif self.kind == "negative_step":

@@ -183,7 +183,7 @@ def test_initialize_quantizers_restores_bn_statistics():
     w = model.layer1[0].conv1.weight
     assert model.layer1[0].conv1.weight_quantizer.step.item() == pytest.approx(
         (2 * w.abs().mean() / 7**0.5).item(), rel=1e-6)
-    assert all(bool(q.initialized) for _, q in qtrainer.quantizers(model))
+    assert all(bool(q.initialized) for _, q in qtrainer.named_quantizers(model))
 
 
 @pytest.mark.parametrize("kwargs,words", [

@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..nn import QuantizedLayer, quantizers
+from ..nn import QuantizedLayer, named_quantizers
 from ..quantizers import METHODS, NIPQQuantizer, Quantizer, make_quantizer, nipq_levels
 from ..quantizers.lsq import LSQQuantizer
 
@@ -40,18 +40,18 @@ def eval_copy(model: nn.Module) -> nn.Module:
     if not layers:
         raise ValueError(f"model {type(model).__name__} has no quantized layer: run "
                          "qtrainer.quantize_model (and train/initialize it) before exporting")
-    stale = [n for n, q in quantizers(model) if q.enabled and not (q._ready or bool(q.initialized))]
+    stale = [n for n, q in named_quantizers(model) if q.enabled and not (q._ready or bool(q.initialized))]
     if stale:
         raise ValueError(f"{len(stale)} quantizer(s) were never initialized (e.g. {stale[0]}): run "
                          "qtrainer.initialize_quantizers(model, batch) or train before exporting")
-    noisy = [n for n, q in quantizers(model) if q.enabled and q.noisy]
+    noisy = [n for n, q in named_quantizers(model) if q.enabled and q.noisy]
     if any(m.training for m in model.modules()):
         what = f"; {len(noisy)} quantizer(s) in noise mode" if noisy else ""
         warnings.warn(f"exporting a model in training mode{what}: the export is of the eval model "
                       "with hard quantization (your model is left as it is)", UserWarning, stacklevel=3)
     work = copy.deepcopy(model)
     work.eval()
-    for _, q in quantizers(work):
+    for _, q in named_quantizers(work):
         q.set_hard(True)
     return work
 
