@@ -9,9 +9,9 @@ W4A4, W3A3, W2A2, NIPQ mixed precision at 3 and 4 average bits, and the textbook
     python benchmarks/accuracy.py --out ... --list                     # jobs and commands
 
 Everything goes through the product: the FP model is the ``pretrain`` stage of
-``recipes/cifar10_resnet20_lsq.yaml`` (:func:`qtrainer.trainer.pretrain`, which writes and later
+``recipes/cifar10_resnet20_lsq.yaml`` (:func:`qtrainer.run.pretrain`, which writes and later
 reuses ``fp.ckpt``), and every QAT row is a ``qtrainer run`` of a shipped run file with dotted
-overrides (:func:`qtrainer.runfile.load_run_file` + :func:`qtrainer.trainer.run`, in this
+overrides (:func:`qtrainer.run.load_run_file` + :func:`qtrainer.run.run`, in this
 process so that Python, CUDA and the Triton kernels start once), from that same checkpoint. The
 rows, their overrides and the epoch budget are in ``benchmarks/accuracy_rows.yaml``; each
 row's JSON record holds the equivalent ``qtrainer run`` command.
@@ -172,7 +172,7 @@ class Job:
         return fingerprint(self.run_file, self.overrides, (ROOT / self.run_file).read_text())
 
     def load(self):
-        from qtrainer.runfile import load_run_file
+        from qtrainer.run import load_run_file
 
         return load_run_file(ROOT / self.run_file if not os.path.isabs(self.run_file)
                              else self.run_file,
@@ -312,7 +312,7 @@ CLOCK = Clock()
 
 def _clock_callback():
     """A Lightning callback feeding :data:`CLOCK` (added to every training stage of qtrainer's
-    runner through ``qtrainer.trainer.EXTRA_CALLBACKS``)."""
+    runner through ``qtrainer.run.runner.EXTRA_CALLBACKS``)."""
     from lightning.pytorch.callbacks import Callback
 
     class EpochClock(Callback):
@@ -375,12 +375,13 @@ def _last_val_acc(job_dir: Path) -> float | None:
 
 
 def _fp_record(job: Job, echo) -> dict:
-    """Pretrain (or reuse) the FP model through :func:`qtrainer.trainer.pretrain`; its
+    """Pretrain (or reuse) the FP model through :func:`qtrainer.run.pretrain`; its
     validation and test accuracy."""
     import lightning.pytorch as pl
 
     from qtrainer.lit_module import ClassificationModule
-    from qtrainer.trainer import evaluate_module, prepare, pretrain, write_json
+    from qtrainer.lightning_setup import evaluate_module
+    from qtrainer.run import prepare, pretrain, write_json
 
     cfg = job.load()
     out = cfg.output_dir
@@ -393,7 +394,7 @@ def _fp_record(job: Job, echo) -> dict:
     import torch
 
     threads = torch.get_num_threads()
-    if cfg.num_threads is not None:  # as qtrainer.trainer.run does
+    if cfg.num_threads is not None:  # as qtrainer.run.run does
         torch.set_num_threads(cfg.num_threads)
     try:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -419,7 +420,7 @@ def _fp_record(job: Job, echo) -> dict:
 def _qat_record(job: Job, echo) -> dict:
     """One ``qtrainer run`` of a row (resumed from its last.ckpt when it was interrupted)."""
     from qtrainer.recipes import RecipeError
-    from qtrainer.trainer import run
+    from qtrainer.run import run
 
     cfg = job.load()
     last = cfg.output_dir / "checkpoints" / "last.ckpt"
@@ -776,10 +777,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{job.key}  ({epochs_of(job) or 'budget'} epochs)\n    {job.command}")
         return 0
 
-    import qtrainer.trainer as qtrainer_trainer
+    import qtrainer.run.runner as qtrainer_trainer
     from qtrainer.atomic import write_text_atomic
 
-    qtrainer_trainer.quiet_lightning()
+    from qtrainer.lightning_setup import quiet_lightning
+    quiet_lightning()
     start = time.monotonic()
     CLOCK.deadline = None if args.time_limit is None else start + args.time_limit
     for name in [s.strip() for s in (args.redo or "").split(",") if s.strip()]:

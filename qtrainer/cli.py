@@ -90,7 +90,7 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on e
 
 def _lightning_logs() -> None:
     if not _STATE["debug"]:
-        from .trainer import quiet_lightning
+        from .lightning_setup import quiet_lightning
 
         quiet_lightning()
 
@@ -102,7 +102,7 @@ def _overrides(items: Optional[List[str]]) -> dict:
 
 
 def _read(path: str) -> dict:
-    from .runfile import read_run_file
+    from .run import read_run_file
 
     if not Path(path).exists():
         raise BadInput(f"file {path!r} does not exist")
@@ -144,8 +144,8 @@ def run(
       qtrainer run run.yaml --resume          # after Ctrl-C or a kill
       qtrainer run run.yaml recipe.optimizer.lr=0.001 --resume --allow-recipe-change
     """
-    from .runfile import load_run_file
-    from .trainer import run as run_config
+    from .run import load_run_file
+    from .run import run as run_config
 
     _lightning_logs()
     items = dict(_overrides(overrides))
@@ -243,7 +243,7 @@ def show(
     """
     from .recipes import load_recipe
     from .recipes.io import is_path_reference
-    from .runfile import is_run_file, load_run_file
+    from .run import is_run_file, load_run_file
 
     items = _overrides(overrides)
     if is_path_reference(ref) or Path(ref).is_file():
@@ -269,7 +269,7 @@ def validate(
       qtrainer validate my-recipe.yaml
     """
     from .recipes import load_recipe
-    from .runfile import is_run_file, load_run_file
+    from .run import is_run_file, load_run_file
 
     raw = _read(file)
     items = _overrides(overrides)
@@ -290,8 +290,8 @@ def validate(
 
 
 def _checkpoint_config(ckpt: str, run_file: Optional[str]):
-    from .runfile import load_run_file
-    from .trainer import find_run_file
+    from .run import load_run_file
+    from .run import find_run_file
 
     if not Path(ckpt).is_file():
         raise BadInput(f"checkpoint {ckpt!r} does not exist")
@@ -318,14 +318,15 @@ def eval_(
       qtrainer eval runs/quickstart/checkpoints/best.ckpt
       qtrainer eval runs/quickstart/fp.ckpt --split val --json
     """
-    from .trainer import _bundle_loaders, evaluate_module, load_checkpoint_model
+    from .lightning_setup import evaluate_module
+    from .run import bundle_loaders, load_checkpoint_model
 
     _lightning_logs()
     if split not in ("test", "val"):
         raise BadInput(f"--split {split!r}: allowed: test, val")
     cfg = _checkpoint_config(ckpt, run_file)
     module, bundle, quantized = load_checkpoint_model(ckpt, cfg)
-    _, val, test = _bundle_loaders(bundle, cfg.seed)
+    _, val, test = bundle_loaders(bundle, cfg.seed)
     loader = test if split == "test" else val
     if loader is None:
         raise BadInput("the run's data has no validation split (data.val_size is 0)")
@@ -365,8 +366,8 @@ def export_(
       qtrainer export runs/quickstart/checkpoints/best.ckpt --format onnx -o model.onnx
     """
     from .export import export as export_model
-    from .runfile import EXPORT_FORMATS
-    from .trainer import load_checkpoint_model
+    from .run import EXPORT_FORMATS
+    from .run import load_checkpoint_model
 
     if format not in EXPORT_FORMATS:
         raise BadInput(f"--format {format!r}: allowed: {', '.join(EXPORT_FORMATS)}")

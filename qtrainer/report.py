@@ -2,7 +2,7 @@
 
 Files of a job folder this module reads or writes:
 
-- ``summary.json``: written by :func:`qtrainer.trainer.run` (FP and quantized accuracy, layers...);
+- ``summary.json``: written by :func:`qtrainer.run.run` (FP and quantized accuracy, layers...);
 - ``logs/csv/<attempt>/metrics.csv``: Lightning's CSV logs, one folder per attempt (a resumed
   run adds one); :func:`merge_metrics` joins them into ``metrics.csv``, later attempts replacing
   the epochs they re-ran;

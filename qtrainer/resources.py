@@ -8,6 +8,7 @@ precision counts as 32 bits. Sizes in megabytes are 10^6 bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,31 @@ def summarize(model: nn.Module) -> ResourceSummary:
             for p in q.parameters())
         bops += layer.macs * wb * ab
     return ResourceSummary(w_num / max(w_den, 1), a_num / max(a_den, 1), size_bits / 8e6, bops / 1e9)
+
+
+def layer_table(model: nn.Module) -> list[dict[str, Any]]:
+    """One row per quantized layer: name, kind, position, weight/input bits and step sizes
+    (mean over channels for per-channel steps; None where a side is full precision)."""
+    rows = []
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantizedLayer):
+            continue
+        report = getattr(m, "qreport", None)
+        wq, aq = m.weight_quantizer, m.input_quantizer
+        rows.append({
+            "name": name.removeprefix("model."),
+            "kind": type(m).__name__,
+            "position": getattr(report, "position", ""),
+            "weight_bits": None if wq is None else int(wq.bits),
+            "act_bits": None if aq is None else int(aq.bits),
+            "weight_step": None if wq is None else float(wq.step_size.detach().float().mean()),
+            "act_step": None if aq is None else float(aq.step_size.detach().float().mean()),
+            "weight_numel": int(m.weight.numel()),
+            "act_numel": int(getattr(m, "act_numel", 0)),
+            "macs": int(getattr(m, "macs", 0)),
+            "signed_input": None if aq is None else bool(aq.signed),
+        })
+    return rows
 
 
 def resource_loss(model: nn.Module, target: str, value: float, w_scale: float = 1.0,

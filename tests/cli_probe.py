@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import qtrainer.atomic as atomic
-from qtrainer import trainer
+from qtrainer.run import runner
 from qtrainer.cli import app
 
 PROBE = Path(os.environ["QTRAINER_PROBE_DIR"])
@@ -44,7 +44,7 @@ def logged_atomic_path(path):
 
 
 atomic.atomic_path = logged_atomic_path  # atomic_write and the helpers look it up per call
-trainer.EXTRA_CALLBACKS.append(Probe)
+runner.EXTRA_CALLBACKS.append(Probe)
 
 if __name__ == "__main__":
     sys.exit(app())

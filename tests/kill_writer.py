@@ -33,7 +33,7 @@ import torch
 
 
 def ckpt_writer(path: Path, version: int, report) -> None:
-    from qtrainer.trainer import AtomicCheckpointIO
+    from qtrainer.checkpoint_io import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     state = {"epoch": version, "global_step": version,
@@ -44,7 +44,7 @@ def ckpt_writer(path: Path, version: int, report) -> None:
 
 
 def ckpt_check(path: Path) -> int:
-    from qtrainer.trainer import AtomicCheckpointIO
+    from qtrainer.checkpoint_io import AtomicCheckpointIO
 
     state = AtomicCheckpointIO().load_checkpoint(path)  # weights_only=True
     v = state["epoch"]

@@ -5,7 +5,6 @@ eval/export/report on a run folder, validation errors (exit 2, key named), recip
 point."""
 
 import json
-import math
 import signal
 import subprocess
 import sys
@@ -13,21 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
-from typer.testing import CliRunner
+from run_helpers import invoke, train_digits_cnn, write_run_file
 
-from qtrainer import trainer as trainer_mod
-from qtrainer.cli import app
+from qtrainer.loaders import Interrupt
+from qtrainer.run import runner as runner_mod
 from qtrainer.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(autouse=True)
@@ -41,28 +34,8 @@ def restore_threads_and_sigint():
 @pytest.fixture(scope="module")
 def fp_checkpoint(tmp_path_factory):
     """A SmallCNN(width=8) trained on digits' training split, as a plain state dict."""
-    from qtrainer.data import load_digits_split
-    from qtrainer.models import SmallCNN
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    train, _ = load_digits_split(seed=0)
-    x, y = train.tensors
-    model = SmallCNN(in_channels=1, num_classes=10, width=8)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(6):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), 64):
-            idx = perm[i:i + 64]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    torch.set_num_threads(threads)
     path = tmp_path_factory.mktemp("fp") / "fp.pt"
-    torch.save(model.state_dict(), path)
+    torch.save(train_digits_cnn(width=8, epochs=6).state_dict(), path)
     return path
 
 
@@ -72,10 +45,7 @@ def tiny_run_file(folder: Path, fp_checkpoint: Path, recipe="nipq-4bit", **extra
            "data": {"name": "digits", "batch_size": 64},
            "trainer": {"max_epochs": 3, "enable_progress_bar": False}, "export": [],
            "output_dir": str(folder / "out"), **extra}
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "run.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_run_file(folder, **raw)
 
 
 # ----------------------------------------------------------------------------- quickstart
@@ -193,7 +163,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, fp_checkp
     assert r.exit_code == 0, r.output
 
     broken = tiny_run_file(tmp_path / "b", fp_checkpoint)
-    monkeypatch.setattr(trainer_mod, "EXTRA_CALLBACKS", [lambda: trainer_mod._Interrupt(2)])
+    monkeypatch.setattr(runner_mod, "EXTRA_CALLBACKS", [lambda: Interrupt(2)])
     r = invoke("run", broken, *overrides)
     assert r.exit_code == 1
     assert "--resume" in r.output and "Traceback" not in r.output
@@ -201,7 +171,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, fp_checkp
     assert torch.load(out_b / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
     assert not (out_b / "summary.json").exists()
 
-    monkeypatch.setattr(trainer_mod, "EXTRA_CALLBACKS", [])
+    monkeypatch.setattr(runner_mod, "EXTRA_CALLBACKS", [])
     r = invoke("run", broken, *overrides)  # without --resume: refused
     assert r.exit_code == 2 and "--resume" in r.output
     r = invoke("run", broken, *overrides, "--resume")

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import qtrainer.data as data
+import qtrainer.data.npz as npz_source
 from qtrainer.data import (
     DataBundle,
     DeviceLoader,
@@ -58,7 +58,7 @@ def test_default_root_search_order(tmp_path, monkeypatch, cifar_root):
     monkeypatch.setenv("QTRAINER_CIFAR10_JPEG", str(tmp_path))
     assert default_cifar10_jpeg_root() == tmp_path
     monkeypatch.setenv("QTRAINER_CIFAR10_JPEG", str(tmp_path / "nowhere"))
-    monkeypatch.setattr(data, "_REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setattr(npz_source, "_REPO_ROOT", tmp_path / "repo")
     with pytest.raises(FileNotFoundError) as info:
         default_cifar10_jpeg_root()
     tried = [
@@ -143,7 +143,7 @@ def test_cache_hit_returns_identical_arrays(tmp_path, monkeypatch):
     def no_decode(*args):
         raise AssertionError("decoded although cached")
 
-    monkeypatch.setattr(data, "_decode", no_decode)
+    monkeypatch.setattr(npz_source, "_decode", no_decode)
     again, labels_again, _ = load_npz_jpeg(path)
     np.testing.assert_array_equal(again, full)
     np.testing.assert_array_equal(labels_again, labels)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from qtrainer.recipes import RecipeError, load_recipe
-from qtrainer.runfile import (RunFileError, apply_run_overrides, is_run_file, load_run_file,
-                              read_run_file, scale_epochs, validate_run)
+from qtrainer.recipes import RecipeError, load_recipe, scale_epochs
+from qtrainer.run import (RunFileError, apply_run_overrides, is_run_file, load_run_file,
+                          read_run_file, validate_run)
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FILES = sorted((ROOT / "recipes").glob("*.yaml"))

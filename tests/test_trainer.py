@@ -3,7 +3,6 @@ the distillation loss against its formula, data in every accepted form, epochs a
 arguments passed through, atomic checkpoints, per-epoch shuffling that resumes exactly."""
 
 import copy
-import math
 import os
 
 import lightning.pytorch as pl
@@ -12,11 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from run_helpers import train_digits_cnn
+
 from qtrainer.data import load_digits_split
 from qtrainer.lit_module import ClassificationModule, distillation_loss, soft_cross_entropy
 from qtrainer.models import SmallCNN
 from qtrainer.nn import QuantizedLayer
-from qtrainer.trainer import AtomicCheckpointIO, EpochShuffleSampler, QTrainer, layer_table
+from qtrainer.checkpoint_io import AtomicCheckpointIO
+from qtrainer.loaders import EpochShuffleSampler
+from qtrainer.resources import layer_table
+from qtrainer.trainer import QTrainer
 
 QUIET = {"enable_progress_bar": False, "accelerator": "cpu"}
 
@@ -39,28 +43,7 @@ def digits():
 @pytest.fixture(scope="module")
 def fp_model(digits):
     """A SmallCNN trained in full precision on digits (plain loop, ~2 s)."""
-    train, _ = digits
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model = SmallCNN(in_channels=1, num_classes=10, width=16)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    x, y = train.tensors
-    steps = 12 * math.ceil(len(x) / 64)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=steps)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(12):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), 64):
-            idx = perm[i:i + 64]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    torch.set_num_threads(threads)
-    return model.eval()
+    return train_digits_cnn(width=16, epochs=12, weight_decay=5e-4, one_cycle=True)
 
 
 def _accuracy(model, dataset):

@@ -12,30 +12,17 @@ own recipe-hash check is tests/test_callback.py's.
 import json
 import random
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from typer.testing import CliRunner
+from run_helpers import invoke, write_run_file
 
-from qtrainer.cli import app
 from qtrainer.recipes import load_recipe
 
-runner = CliRunner()
 RECIPE = {"extends": "lsq-4bit", "name": "untrusted-lsq", "optimizer": {"lr": 0.01},
           "phases": {"epochs": 2}}
 pytestmark = pytest.mark.filterwarnings("ignore:the run has neither")
-
-
-def invoke(*args):
-    threads, handler = torch.get_num_threads(), signal.getsignal(signal.SIGINT)
-    try:
-        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-    finally:
-        torch.set_num_threads(threads)
-        signal.signal(signal.SIGINT, handler)
 
 
 def run_file(folder: Path, recipe=None, **extra) -> Path:
@@ -43,10 +30,7 @@ def run_file(folder: Path, recipe=None, **extra) -> Path:
            "recipe": recipe or RECIPE, "model": {"name": "small_cnn", "width": 8},
            "data": {"name": "digits", "batch_size": 64},
            "trainer": {"enable_progress_bar": False}, "export": ["int"], **extra}
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "run.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_run_file(folder, **raw)
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +196,7 @@ def test_a_changed_recipe_resumes_only_with_allow_recipe_change(finished, tmp_pa
 def test_checkpoint_io_checksum_round_trip(tmp_path):
     """AtomicCheckpointIO alone: any Lightning checkpoint it writes (with or without the
     callback's ``qtrainer`` entry) loads back; an edited copy is refused by name."""
-    from qtrainer.trainer import AtomicCheckpointIO
+    from qtrainer.checkpoint_io import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     for i, extra in enumerate([{}, {"qtrainer": {"recipe_hash": "x"}},

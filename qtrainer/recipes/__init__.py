@@ -1,7 +1,8 @@
 """QAT recipes: typed, validated descriptions of how to quantize and train a model.
 
-A recipe is YAML (or a dict) validated into a frozen :class:`Recipe`; see ``schema.py`` for
-every field, its default and its unit, and ``registry.py`` for where named recipes come from.
+A recipe is YAML (or a dict) validated into a frozen :class:`Recipe` (``schema.py``; its sections
+in ``methods.py`` and ``sections.py``, each field with its default and unit), read and merged by
+``io.py``; ``registry.py`` says where named recipes come from.
 
     from qtrainer.recipes import load_recipe
     recipe = load_recipe("lsq-4bit", overrides={"bits.weight": 3})
@@ -22,22 +23,11 @@ from .registry import (
     register_recipe,
     unregister_recipe,
 )
-from .schema import (
-    Bits,
-    Distillation,
-    Faults,
-    FirstLast,
-    LayerOverride,
-    LRSchedule,
-    LSQMethod,
-    MixedPrecision,
-    NIPQMethod,
-    Optimizer,
-    Phases,
-    Recipe,
-    TemperingMethod,
-    WeightDecay,
-)
+from .methods import LSQMethod, NIPQMethod, TemperingMethod
+from .scaling import scale_epochs
+from .schema import Recipe
+from .sections import (Bits, Distillation, Faults, FirstLast, LayerOverride, LRSchedule,
+                       MixedPrecision, Optimizer, Phases, WeightDecay)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -65,5 +55,6 @@ __all__ = [
     "load_recipe",
     "parse_overrides",
     "register_recipe",
+    "scale_epochs",
     "unregister_recipe",
 ]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ROOT, RecipeError, show
-from .schema import LayerOverride
+from .sections import LayerOverride
 from .yaml_codec import parse_yaml
 
 MAX_EXTENDS_DEPTH = 32

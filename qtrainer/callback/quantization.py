@@ -25,56 +25,20 @@ from collections.abc import Callable, Mapping
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.types import LRSchedulerConfig
 
-from .bn import reestimate_batchnorm
-from .nn import QuantizedLayer, named_quantizers
-from .quantizers import NIPQQuantizer, Quantizer, TemperingQuantizer
-from .recipes import Recipe, RecipeError, load_recipe
-from .resources import resource_loss, summarize
-from .schedules import ExponentialDecay, WarmupCosine
-from .surgery import initialize_quantizers, quantize_model
-from .versions import package_versions
+from ..bn import reestimate_batchnorm
+from ..nn import QuantizedLayer, named_quantizers
+from ..quantizers import NIPQQuantizer, TemperingQuantizer
+from ..recipes import Recipe, RecipeError, load_recipe
+from ..resources import resource_loss, summarize
+from ..schedules import ExponentialDecay
+from ..surgery import initialize_quantizers, quantize_model
+from ..versions import package_versions
+from .batches import batch_input, peek_batch
+from .faults import check_gradients, check_quantizers
+from .optimizers import apply_optimizer_policy, install_lr_schedule
 
 PHASE_NOISE, PHASE_HARD = "noise", "hard"
-
-
-class QuantizationFault(RuntimeError):
-    """Training produced a value QAT cannot continue from (non-finite loss or gradient, a step
-    size or alpha that is non-positive or non-finite). The message names the layer, the
-    parameter, the value and the optimizer step."""
-
-
-def batch_input(batch):
-    """The model input of a batch: the batch itself if a tensor, its first element if a tuple
-    or list, ``batch["input"|"inputs"|"x"|"image"]`` if a mapping."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0]
-    if isinstance(batch, Mapping):
-        for key in ("input", "inputs", "x", "image"):
-            if key in batch:
-                return batch[key]
-    raise ValueError(f"cannot find the model input in a batch of type {type(batch).__name__}; "
-                     "pass QuantizationCallback(input_fn=...) to extract it")
-
-
-def peek_batch(loader, n: int = 8):
-    """A small batch from ``loader`` that leaves its iteration order and every random state as
-    they were: the first ``n`` items of a map-style dataset collated, a loader's own
-    ``example_batch(n)``, or else the first batch (global RNG restored)."""
-    if hasattr(loader, "example_batch"):
-        return loader.example_batch(n)
-    rng = torch.get_rng_state()
-    try:
-        dataset = getattr(loader, "dataset", None)
-        collate = getattr(loader, "collate_fn", None)
-        if collate is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
-            return collate([dataset[i] for i in range(min(n, len(dataset)))])
-        return next(iter(loader))
-    finally:
-        torch.set_rng_state(rng)
 
 
 class QuantizationCallback(Callback):
@@ -192,89 +156,14 @@ class QuantizationCallback(Callback):
                               f"{phases.epochs}: the schedules end at epoch {phases.epochs}",
                               stacklevel=2)
         self.total_steps = max(total, 1)
-        optimizer = self._optimizer(trainer, pl_module)
-        self._lr_schedule(trainer, optimizer)
+        optimizer = apply_optimizer_policy(self.recipe, trainer, pl_module)
+        install_lr_schedule(self.recipe, trainer, optimizer, self.total_steps)
         if self.recipe.method.name == "tempering":
             m = self.recipe.method
             self.lambda_schedule = ExponentialDecay(m.lambda_0, m.k, self.total_steps)
             self._set_lambda(pl_module, trainer.global_step)
         if self.phase == PHASE_HARD:  # resumed inside the hard phase
             self._enter_hard(pl_module)
-
-    def _param_groups(self, pl_module, options: list[dict], owner: dict[int, int]):
-        """Split parameters into groups by role and precision, each with its weight decay.
-
-        ``options[i]`` are the hyperparameters of original group ``i``; ``owner`` maps a
-        parameter id to its original group (missing: group 0). Returns the groups (each with a
-        ``name``) and, for each, the index of the original group it came from.
-        """
-        wd = self.recipe.weight_decay
-        role: dict[int, tuple[str, float]] = {}
-        for _, q in named_quantizers(pl_module):
-            for p in q.parameters():
-                role[id(p)] = ("quantizers", wd.quantizer_params)
-        for m in pl_module.modules():
-            if isinstance(m, QuantizedLayer) and m.weight_quantizer is not None:
-                bits = m.weight_quantizer.bits
-                role[id(m.weight)] = (f"weights_{bits}bit", wd.effective_weight_decay(bits))
-        groups: dict[tuple[str, int], dict] = {}
-        for p in pl_module.parameters():
-            if not p.requires_grad:
-                continue
-            name, decay = role.get(id(p), ("fp", wd.base))
-            if name == "fp" and p.ndim <= 1:
-                name, decay = "one_d", (wd.base if wd.one_d_params else 0.0)
-            key = (name, owner.get(id(p), 0))
-            if key not in groups:
-                groups[key] = {**options[key[1]], "params": [], "weight_decay": decay,
-                               "name": name if len(options) == 1 else f"{name}/{key[1]}"}
-            groups[key]["params"].append(p)
-        return list(groups.values()), [origin for _, origin in groups]
-
-    def _optimizer(self, trainer, pl_module) -> torch.optim.Optimizer:
-        spec = self.recipe.optimizer
-        if spec.policy == "replace":
-            groups, _ = self._param_groups(pl_module, [{}], {})
-            if spec.name == "sgd":
-                opt = torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum,
-                                      nesterov=spec.nesterov)
-            else:
-                opt = torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps)
-            trainer.strategy.optimizers = [opt]
-            trainer.strategy.lr_scheduler_configs = []
-            return opt
-        if len(trainer.optimizers) != 1:
-            raise RecipeError("optimizer.policy", 
-                f"optimizer.policy='keep' needs exactly one optimizer, but the module's "
-                f"configure_optimizers returned {len(trainer.optimizers)}; use "
-                "optimizer.policy='replace' or a single optimizer")
-        opt = trainer.optimizers[0]
-        old = opt.param_groups
-        options = [{k: v for k, v in g.items() if k != "params"} for g in old]
-        owner = {id(p): i for i, g in enumerate(old) for p in g["params"]}
-        groups, origin = self._param_groups(pl_module, options, owner)
-        opt.param_groups = []
-        for g in groups:
-            opt.add_param_group(g)
-        for config in trainer.lr_scheduler_configs:  # keep the user's schedulers consistent
-            sched = config.scheduler
-            for attr, value in vars(sched).items():
-                if isinstance(value, list) and len(value) == len(old) and attr != "optimizer":
-                    setattr(sched, attr, [value[i] for i in origin])
-        return opt
-
-    def _lr_schedule(self, trainer, optimizer) -> None:
-        sched = self.recipe.lr_schedule
-        if sched.name == "keep":
-            return
-        steps_per_epoch = self.total_steps / self.recipe.phases.epochs
-        factor = WarmupCosine(self.total_steps, round(sched.warmup_epochs * steps_per_epoch),
-                              sched.warmup_start_factor, sched.floor, sched.name)
-        for g in optimizer.param_groups:
-            g.pop("initial_lr", None)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        trainer.strategy.lr_scheduler_configs = [
-            LRSchedulerConfig(scheduler, name="qat-lr", interval="step", frequency=1)]
 
     # ------------------------------------------------------------------ per step
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -301,50 +190,16 @@ class QuantizationCallback(Callback):
 
     # ------------------------------------------------------------------ faults
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        """Stop (or skip the step, if the recipe says ``faults.on_nonfinite: skip``) when a
-        gradient is nan/inf. Skipping drops every gradient, so the optimizer leaves all
-        parameters and its state as they were. fp16 loss scaling handles its own infs."""
+        """Stop, or skip the step (``faults.on_nonfinite: skip``), on a nan/inf gradient; fp16
+        loss scaling handles its own infs."""
         if str(trainer.precision).startswith("16"):
             return
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
-            return
-        name, value = next((n, p.grad) for n, p in pl_module.named_parameters()
-                           if p.grad is not None and not bool(torch.isfinite(p.grad).all()))
-        bad = value[~torch.isfinite(value)].flatten()[0].item()
-        where = f"non-finite gradient of {name} ({bad}) at optimizer step {trainer.global_step}"
-        if self.recipe.faults.on_nonfinite == "skip":
+        if check_gradients(pl_module, optimizer, trainer.global_step,
+                           self.recipe.faults.on_nonfinite):
             self.skipped_steps.append(trainer.global_step)
-            warnings.warn(f"{where}: step skipped (faults.on_nonfinite=skip)", stacklevel=2)
-            optimizer.zero_grad(set_to_none=True)
-            return
-        raise QuantizationFault(f"{where}; the loss or the model diverged. The run stops here and "
-                                "the last checkpoint is intact (set faults.on_nonfinite=skip to "
-                                "skip such steps)")
-
-    def _check_quantizers(self, trainer, pl_module) -> None:
-        """Every quantizer parameter finite and every step size positive, else stop."""
-        named = list(named_quantizers(pl_module))
-        if not named:
-            return
-        values = torch.cat([p.detach().float().reshape(-1) for _, q in named for p in q.parameters()]
-                           + [q.step_size.detach().float().reshape(-1) for _, q in named])
-        steps = torch.cat([q.step_size.detach().float().reshape(-1) for _, q in named])
-        if bool(torch.isfinite(values).all()) and bool((steps > 0).all()):
-            return
-        for name, q in named:
-            for pname, p in [*q.named_parameters(), ("step_size", q.step_size)]:
-                t = p.detach().float().reshape(-1)
-                bad = ~torch.isfinite(t) | ((t <= 0) if pname in ("step", "step_size") else False)
-                if bool(bad.any()):
-                    raise QuantizationFault(
-                        f"quantizer {name}: parameter {pname} became {t[bad][0].item()} at "
-                        f"optimizer step {trainer.global_step - 1} (step sizes must be positive and "
-                        "finite); the run stops here and the last checkpoint is intact. Lower the "
-                        "learning rate or check the data")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._check_quantizers(trainer, pl_module)
+        check_quantizers(pl_module, trainer.global_step - 1)
         phases = self.recipe.phases
         last_batch = batch_idx == trainer.num_training_batches - 1
         if (not self.is_nipq and phases.bn_reestimation_batches and last_batch
@@ -427,4 +282,4 @@ class QuantizationCallback(Callback):
                                   "recipe_name": self.recipe.name, "versions": package_versions()}
 
 
-__all__ = ["QuantizationCallback", "QuantizationFault", "batch_input", "peek_batch"]
+__all__ = ["PHASE_HARD", "PHASE_NOISE", "QuantizationCallback"]
