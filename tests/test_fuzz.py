@@ -42,7 +42,7 @@ from qtrainer.cli import app
 from qtrainer.recipes import Recipe, RecipeError, load_recipe, registry
 from qtrainer.recipes.io import read_recipe_file
 from qtrainer.recipes.yaml_codec import dump_yaml_text
-from qtrainer.runfile import RUN_FILE_MARKERS, RunConfig, TOP_KEYS, load_run_file
+from qtrainer.run import RUN_FILE_MARKERS, RunConfig, TOP_KEYS, load_run_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_FILES = sorted(registry.BUILTIN_DIR.glob("*.yaml"))
@@ -268,6 +268,18 @@ def unknown_key(draw, allowed: set, reserved: frozenset = frozenset()):
 # same mutators apply to a recipe file and to the `recipe:`/`compare:` entries of a run file.
 
 
+def bad_value_kind(value) -> str:
+    """The mutation kind of a bad value: ``huge_number`` (beyond 1e12 or not finite),
+    ``unicode`` (a string with non-ASCII characters), ``out_of_range`` (another number) or
+    ``wrong_type``."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and (abs(value) > 1e12 or (isinstance(value, float) and not math.isfinite(value))):
+        return "huge_number"
+    if isinstance(value, str) and any(ord(c) > 127 for c in value):
+        return "unicode"
+    return "out_of_range" if number else "wrong_type"
+
+
 def m_bad_value(draw, raw, recipe, extends):
     table = COMMON_BAD + METHOD_BAD[recipe.method.name]
     path, values = draw(st.sampled_from(table))
@@ -282,14 +294,7 @@ def m_bad_value(draw, raw, recipe, extends):
         expect = f"weight_decay.factors.{k}"
     elif path == "overrides" and isinstance(value, dict):
         expect = f"overrides.{next(iter(value))}"
-    kind = "out_of_range" if isinstance(value, (int, float)) and not isinstance(value, bool) \
-        else "wrong_type"
-    if isinstance(value, str) and any(ord(c) > 127 for c in value):
-        kind = "unicode"
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and (
-            abs(value) > 1e12 or (isinstance(value, float) and not math.isfinite(value))):
-        kind = "huge_number"
-    return kind, expect, f"{path} = {value!r:.60}", None
+    return bad_value_kind(value), expect, f"{path} = {value!r:.60}", None
 
 
 def m_method_name(draw, raw, recipe, extends):
@@ -586,14 +591,7 @@ def r_bad_value(draw, raw, cfg):
     if path == "compare" and isinstance(value, list):
         bad = next(i for i, v in enumerate(value) if not isinstance(v, str) or not v)
         expect = f"compare[{bad}]"
-    kind = "wrong_type" if not isinstance(value, (int, float)) or isinstance(value, bool) \
-        else "out_of_range"
-    if isinstance(value, str) and any(ord(c) > 127 for c in value):
-        kind = "unicode"
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and (
-            abs(value) > 1e12 or (isinstance(value, float) and not math.isfinite(value))):
-        kind = "huge_number"
-    return kind, expect, f"{path} = {value!r:.60}", None
+    return bad_value_kind(value), expect, f"{path} = {value!r:.60}", None
 
 
 def r_model_kwarg(draw, raw, cfg):
@@ -610,7 +608,8 @@ def r_model_kwarg(draw, raw, cfg):
 def r_unknown_key(draw, raw, cfg):
     from qtrainer.data import DATA_KEYS
     from qtrainer.models import BUILTIN_MODELS
-    from qtrainer.runfile import Pretrain, _trainer_keys
+    from qtrainer.run import Pretrain
+    from qtrainer.run.trainer_keys import _trainer_keys
 
     section = draw(st.sampled_from(["", "trainer", "data", "model", "pretrain"]))
     if section == "":
@@ -802,37 +801,34 @@ def report(kind: str) -> None:
     print(f"\nfuzz {kind} files: {_total(kind)} cases ({lines})")
 
 
-def test_fuzzed_recipe_files_get_the_right_answer(folder):
-    COUNTS["recipe"].clear()
+COMMON_KINDS = {"wrong_type", "out_of_range", "missing_key", "unknown_key", "phase_longer_than_run",
+                "unknown_recipe_name", "broken_yaml", "empty_file", "huge_number", "valid"}
 
-    @settings(max_examples=API_EXAMPLES["recipe"], **FUZZ)
-    @given(case=recipe_cases())
+
+def fuzz_through_the_api(kind: str, cases, folder) -> set[str]:
+    """Check ``API_EXAMPLES[kind]`` generated files of ``kind`` through the API; returns the
+    mutation kinds seen."""
+    COUNTS[kind].clear()
+
+    @settings(max_examples=API_EXAMPLES[kind], **FUZZ)
+    @given(case=cases)
     def one(case):
         check_api(case, write_case(case, folder))
 
     one()
-    report("recipe")
-    assert _total("recipe") >= API_EXAMPLES["recipe"]
-    kinds = {k.split(": ")[1] for k in COUNTS["recipe"]}
-    assert {"wrong_type", "out_of_range", "missing_key", "unknown_key", "phase_longer_than_run",
-            "unknown_recipe_name", "broken_yaml", "empty_file", "huge_number", "unicode",
-            "valid"} <= kinds, kinds
+    report(kind)
+    assert _total(kind) >= API_EXAMPLES[kind]
+    return {k.split(": ")[1] for k in COUNTS[kind]}
+
+
+def test_fuzzed_recipe_files_get_the_right_answer(folder):
+    kinds = fuzz_through_the_api("recipe", recipe_cases(), folder)
+    assert COMMON_KINDS | {"unicode"} <= kinds, kinds
 
 
 def test_fuzzed_run_files_get_the_right_answer(folder):
-    COUNTS["run"].clear()
-
-    @settings(max_examples=API_EXAMPLES["run"], **FUZZ)
-    @given(case=run_cases())
-    def one(case):
-        check_api(case, write_case(case, folder))
-
-    one()
-    report("run")
-    assert _total("run") >= API_EXAMPLES["run"]
-    kinds = {k.split(": ")[1] for k in COUNTS["run"]}
-    assert {"wrong_type", "out_of_range", "missing_key", "unknown_key", "phase_longer_than_run",
-            "unknown_recipe_name", "broken_yaml", "empty_file", "huge_number", "valid"} <= kinds, kinds
+    kinds = fuzz_through_the_api("run", run_cases(), folder)
+    assert COMMON_KINDS <= kinds, kinds
 
 
 def test_a_sample_through_qtrainer_validate(folder):
