@@ -7,7 +7,8 @@ qtrainer's ``AtomicCheckpointIO``; MODE ``int`` writes integer exports of a quan
 whose weights depend on the version, with ``qtrainer.export.export``. Each trial forks a child
 that writes versions 1000 * trial + 1, + 2, ... to the same file, one after the other, telling
 the parent over a pipe when a write starts and when it has finished; the parent sends it SIGKILL
-after a random delay, then reads the file as an untrusted one would (``torch.load(...,
+after a random delay (even trials) or while it stands stopped just before or after the rename of
+a chosen write (odd trials: it stops itself there), then reads the file as an untrusted one would (``torch.load(...,
 weights_only=True)``, ``load_int``) and checks that it is one complete version: the last one
 finished, or the one in flight if the kill came after its rename. One JSON line per trial on
 stdout: the delay, the versions finished, whether the kill landed inside a write, the version
@@ -23,7 +24,6 @@ import hashlib
 import json
 import os
 import random
-import select
 import signal
 import sys
 import time
@@ -99,47 +99,61 @@ def int_check(path: Path) -> int:
     return v
 
 
+def stop_at_rename(nth: int, when: str) -> None:
+    """Make this (forked writer) process stop itself with SIGSTOP at its ``nth`` atomic rename
+    (``os.replace``), ``before`` or ``after`` it."""
+    real, calls = os.replace, [0]
+
+    def replace(src, dst, **kwargs):
+        calls[0] += 1
+        if calls[0] == nth and when == "before":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        real(src, dst, **kwargs)
+        if calls[0] == nth and when == "after":
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    os.replace = replace
+
+
 def main(mode: str, folder: Path, trials: int, seed: int) -> None:
     torch.set_num_threads(1)  # no thread pool for the forked writers to inherit
     writer, check = {"ckpt": (ckpt_writer, ckpt_check), "int": (int_writer, int_check)}[mode]
     target = folder / ("last.ckpt" if mode == "ckpt" else "model.safetensors")
     rng = random.Random(seed)
-    aim = 0.05 if mode == "ckpt" else 0.004
     writer(target, 0, lambda _msg: None)  # version 0: the file exists before the first kill
     if mode == "int":
         _model()  # warm up in the parent too, so that forks inherit imported modules
     current = (0, hashlib.sha256(target.read_bytes()).hexdigest())
     for trial in range(trials):
+        # half of the kills at a random time; the other half inside a chosen write (the
+        # 1st to 4th of the trial), just before or just after its rename: the writer stops
+        # itself there (SIGSTOP) and is killed while stopped, so those kills land inside a
+        # write on any machine, however fast it writes
+        aimed = trial % 2 == 1
+        delay = rng.uniform(0.05, 1.5)
+        stop_at = (rng.randrange(1, 5), rng.choice(("before", "after"))) if aimed else None
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # the writer: never returns
             os.close(read_fd)
             out = os.fdopen(write_fd, "w", buffering=1)
+            if stop_at is not None:
+                stop_at_rename(*stop_at)
             version = 1000 * (trial + 1)
             while True:
                 version += 1
                 writer(target, version, lambda msg: out.write(msg + "\n"))
         os.close(write_fd)
-        # half of the kills at a random time, half aimed at a random write's start (+ a few
-        # ms: an int export is written in about as long), so that small files are hit inside
-        # their writes too
-        aimed = trial % 2 == 1
-        delay = rng.uniform(0.05, 1.5) if not aimed else rng.uniform(0.0, aim)
-        skip_writes = rng.randrange(0, 4)
         start = time.perf_counter()
-        text = b""
         if aimed:
-            while text.count(b"start") <= skip_writes:
-                select.select([read_fd], [], [], 5.0)
-                chunk = os.read(read_fd, 65536)
-                if not chunk:
-                    break
-                text += chunk
-        time.sleep(delay)
+            _, status = os.waitpid(pid, os.WUNTRACED)
+            assert os.WIFSTOPPED(status), f"the writer ended instead of stopping ({status})"
+        else:
+            time.sleep(delay)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         with os.fdopen(read_fd, "rb") as f:
-            events = (text + f.read()).decode().split("\n")
+            events = f.read().decode().split("\n")
         events = [e.split() for e in events if e]
         done = [(int(e[1]), e[2]) for e in events if e[0] == "done"]
         starts = [int(e[1]) for e in events if e[0] == "start"]
@@ -147,7 +161,8 @@ def main(mode: str, folder: Path, trials: int, seed: int) -> None:
         if done:
             current = done[-1]  # (version, digest) the file held when the writer said so
         in_flight = starts[-1] if in_write else None
-        record = {"mode": mode, "trial": trial, "aimed": aimed, "delay_s": round(delay, 3),
+        record = {"mode": mode, "trial": trial, "aimed": aimed,
+                  "delay_s": None if aimed else round(delay, 3), "stop_at": stop_at,
                   "writes_finished": len(done), "killed_inside_write": in_write,
                   "last_finished": current[0], "in_flight": in_flight}
         try:

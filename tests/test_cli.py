@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+import procs
 from run_helpers import invoke, train_digits_cnn, write_run_file
 
 from qtrainer.loaders import Interrupt
@@ -328,9 +329,10 @@ def pip_install(pkg: Path, target: Path) -> None:
     try:
         import setuptools  # noqa: F401
 
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                        "--no-build-isolation", "--no-index", "--target", str(target), str(pkg)],
-                       check=True, capture_output=True, timeout=300)
+        proc = procs.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                          "--no-build-isolation", "--no-index", "--target", str(target), str(pkg)],
+                         timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
         return
     except ImportError:
         pass

@@ -13,7 +13,7 @@ tests/test_ddp.py's.
 import json
 import os
 import signal
-import subprocess
+import procs
 import sys
 from collections import Counter
 from pathlib import Path
@@ -42,10 +42,10 @@ def test_two_process_ddp_run_through_the_cli(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "QTRAINER_PROBE_DIR": str(probe), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
+    proc = procs.run(
         [sys.executable, str(HERE / "cli_probe.py"), "run", str(path), "trainer.strategy=ddp",
          "trainer.devices=2", "trainer.accelerator=cpu"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        cwd=tmp_path, env=env, timeout=600)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
     assert proc.stdout.count("full precision") == 1, proc.stdout  # one table, from rank 0

@@ -2,10 +2,10 @@
 initialization (statistics averaged across ranks) and after training steps."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import procs
 import pytest
 import torch
 
@@ -16,8 +16,7 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 @pytest.mark.parametrize("recipe", ["lsq-4bit", "nipq-4bit"])
 def test_ranks_hold_identical_quantizer_state(tmp_path, recipe):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path), recipe], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = procs.run([sys.executable, str(WORKER), str(tmp_path), recipe], env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for when in ("init", "end", "model"):
         r0 = torch.load(tmp_path / f"rank0_{when}.pt", weights_only=True)

@@ -23,11 +23,14 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from procs import run as procs_run
+from procs import started
 
 from qtrainer.report import epoch_series, read_csv
 
@@ -53,42 +56,28 @@ def run_file(folder: Path) -> Path:
     return path
 
 
-def start(path: Path, *args: str) -> subprocess.Popen:
+def command(path: Path, *args: str, pause_at: str | None = None) -> tuple[list[str], dict]:
+    """The command line and environment of ``qtrainer run PATH ARGS``; with ``pause_at``
+    (``EPOCH:BATCH``) the run pauses there until a signal ends it (tests/interrupt_probe.py)
+    and writes ``PATH.parent/paused`` when it does."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "qtrainer.cli", "run", str(path), *args],
-                            cwd=path.parent, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    if pause_at is None:
+        return [sys.executable, "-m", "qtrainer.cli", "run", str(path), *args], env
+    env.update(QTRAINER_PAUSE_AT=pause_at, QTRAINER_PAUSE_MARKER=str(path.parent / "paused"))
+    return [sys.executable, str(HERE / "interrupt_probe.py"), "run", str(path), *args], env
 
 
 def ckpt_epoch(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
 
 
-def watch(procs: dict, targets: dict, timeout: float = 900.0) -> dict:
-    """Poll every run's last.ckpt; send each target its signal once its first epoch's
-    checkpoint exists, ``delay`` seconds later. Returns, per run, the times at which its
-    last.ckpt was replaced and, for targets, when the signal went out."""
-    seen: dict = {name: [] for name in procs}
-    sent: dict = {}
+def wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 900.0) -> None:
+    """Wait until ``path`` exists (the paused run wrote it) while ``proc`` runs."""
     begin = time.monotonic()
-    while any(p.poll() is None for p in procs.values()):
-        now = time.monotonic()
-        assert now - begin < timeout, "the runs took too long"
-        for name, proc in procs.items():
-            last = Path(proc.args[4]).parent / "out" / "checkpoints" / "last.ckpt"
-            try:
-                ino = last.stat().st_ino  # an atomic replace is a new inode
-            except FileNotFoundError:
-                continue
-            if not seen[name] or seen[name][-1][1] != ino:
-                seen[name].append((now, ino))
-            if name in targets and name not in sent and proc.poll() is None:
-                sig, delay = targets[name]
-                if now - seen[name][0][0] >= delay:
-                    proc.send_signal(sig)
-                    sent[name] = now
-        time.sleep(0.02)
-    return {"replaced": {k: [t for t, _ in v] for k, v in seen.items()}, "sent": sent}
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before pausing:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() - begin < timeout, "the run did not reach its pause"
+        time.sleep(0.05)
 
 
 def final(out: Path) -> dict:
@@ -118,12 +107,22 @@ def assert_same(a: dict, b: dict, label: str) -> None:
 @pytest.mark.slow
 def test_sigkill_and_sigint_mid_epoch_resume_to_the_uninterrupted_run(tmp_path):
     paths = {name: run_file(tmp_path / name) for name in ("straight", "sigkill", "sigint")}
-    # all three at once (each on one thread): the straight run's epoch time, measured under
-    # the same load, bounds when the signals went out
-    procs = {name: start(path) for name, path in paths.items()}
-    delay = 0.25
-    seen = watch(procs, {"sigkill": (signal.SIGKILL, delay), "sigint": (signal.SIGINT, delay)})
-    outputs = {name: p.communicate()[0] for name, p in procs.items()}
+    signals = {"sigkill": signal.SIGKILL, "sigint": signal.SIGINT}
+    pause = "1:40"  # (epoch, batch): the middle of epoch 1 (81 batches), after epoch 0's checkpoint
+    logs = {name: path.parent / "log.txt" for name, path in paths.items()}
+    with ExitStack() as stack:
+        procs = {}
+        for name, path in paths.items():
+            cmd, env = command(path, pause_at=None if name == "straight" else pause)
+            log = stack.enter_context(open(logs[name], "w"))
+            procs[name] = stack.enter_context(started(
+                cmd, cwd=path.parent, env=env, stdout=log, stderr=subprocess.STDOUT))
+        for name, sig in signals.items():
+            wait_for(paths[name].parent / "paused", procs[name], logs[name])
+            procs[name].send_signal(sig)
+        for proc in procs.values():
+            proc.wait(timeout=900)
+    outputs = {name: log.read_text() for name, log in logs.items()}
 
     assert procs["straight"].returncode == 0, outputs["straight"][-3000:]
     assert procs["sigkill"].returncode == -signal.SIGKILL
@@ -131,23 +130,17 @@ def test_sigkill_and_sigint_mid_epoch_resume_to_the_uninterrupted_run(tmp_path):
     said = outputs["sigint"]
     assert "interrupted; continue with: qtrainer run" in said and "--resume" in said, said[-2000:]
     assert "Traceback" not in said, said[-3000:]
-
-    straight_epochs = seen["replaced"]["straight"]
-    assert len(straight_epochs) == EPOCHS  # one last.ckpt per epoch
-    epoch_time = straight_epochs[1] - straight_epochs[0]
-    for name in ("sigkill", "sigint"):
+    for name in signals:
         out = tmp_path / name / "out"
         # the signal came after epoch 0's checkpoint, while epoch 1 was running
         assert ckpt_epoch(out / "checkpoints" / "last.ckpt") == 0, name
         assert not (out / "summary.json").exists()
-        first = seen["replaced"][name][0]
-        assert delay <= seen["sent"][name] - first < epoch_time, (name, seen, epoch_time)
-        assert len(seen["replaced"][name]) == 1, name  # epoch 1 never finished
-    print(f"\nsignals sent {delay:.2f} s into epoch 1 (an epoch took {epoch_time:.1f} s)")
+    print(f"\nsignals sent at batch {pause} (epoch:batch), each run paused there")
 
-    resumed = {name: start(paths[name], "--resume") for name in ("sigkill", "sigint")}
-    for name, proc in resumed.items():
-        text = proc.communicate(timeout=900)[0]
+    for name in signals:
+        cmd, env = command(paths[name], "--resume")
+        proc = procs_run(cmd, cwd=paths[name].parent, env=env, stderr=subprocess.STDOUT)
+        text = proc.stdout
         assert proc.returncode == 0, text[-3000:]
         assert "resuming from" in text, text[-2000:]
         assert "Traceback" not in text
@@ -173,19 +166,17 @@ def test_sigkill_and_sigint_mid_epoch_resume_to_the_uninterrupted_run(tmp_path):
           "equal to the uninterrupted run (metrics.csv, weights, export)")
 
 
-def kill_trials(mode: str, folder: Path, trials: int, seed: int) -> subprocess.Popen:
+def kill_trials(mode: str, folder: Path, trials: int, seed: int) -> list[str]:
     folder.mkdir(parents=True)
-    return subprocess.Popen([sys.executable, str(HERE / "kill_writer.py"), mode, str(folder),
-                             str(trials), str(seed)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return [sys.executable, str(HERE / "kill_writer.py"), mode, str(folder), str(trials), str(seed)]
 
 
 @pytest.mark.slow
 def test_writers_killed_at_random_moments_leave_a_whole_file(tmp_path):
     trials = {"ckpt": 16, "int": 16}
-    procs = {mode: kill_trials(mode, tmp_path / mode, n, seed=6) for mode, n in trials.items()}
-    for mode, proc in procs.items():
-        out, err = proc.communicate(timeout=900)
+    for mode, n in trials.items():
+        proc = procs_run(kill_trials(mode, tmp_path / mode, n, seed=6), timeout=900)
+        out, err = proc.stdout, proc.stderr
         assert proc.returncode == 0, err[-3000:]
         lines = [json.loads(line) for line in out.splitlines()]
         records, end = lines[:-1], lines[-1]

@@ -15,7 +15,7 @@ import json
 import math
 import os
 import runpy
-import subprocess
+import procs
 import sys
 from pathlib import Path
 
@@ -614,10 +614,10 @@ def test_subclass_with_own_quantize_keeps_its_code():
 def test_triton_interpreter():
     """Every backend-parametrized test above, through the Triton kernels on CPU."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
+    proc = procs.run(
         [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
          "-k", "triton or interp", "--no-header"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     passed = int(proc.stdout.rsplit(" passed", 1)[0].rsplit("\n", 1)[-1].split()[-1])
     assert passed >= 25, proc.stdout[-2000:]
