@@ -2,33 +2,43 @@
 
     trainer = lightning.Trainer(callbacks=[qtrainer.QuantizationCallback(recipe="nipq-4bit")])
 
-The quantizers, layers, surgery, recipes and export need only torch; the Lightning parts
-(:class:`QuantizationCallback`, :class:`QTrainer`) are imported on first use, so
-``import qtrainer`` and ``import qtrainer.quantizers`` do not import Lightning.
+Every name below is imported on first use: ``import qtrainer`` imports neither torch nor
+Lightning (``qtrainer --help`` stays fast); the quantizers, layers, surgery, recipes and export
+need only torch, :class:`QuantizationCallback` and :class:`QTrainer` also Lightning.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from .nn import QuantConv1d, QuantConv2d, QuantizedLayer, QuantLinear, named_quantizers
-from .quantizers import LSQQuantizer, NIPQQuantizer, Quantizer, TemperingQuantizer, make_quantizer
-from .recipes import Recipe, RecipeError, get_recipe, list_recipes, load_recipe, register_recipe
-from .surgery import (LayerReport, fp_state_dict, initialize_quantizers, quantize_model,
-                      set_quantizers)
-
 __version__ = "0.1.0"
 
-_LAZY = {"QuantizationCallback": ".callback", "QuantizationFault": ".callback",
-         "QTrainer": ".trainer"}
+_LAZY = {
+    **dict.fromkeys(("QuantConv1d", "QuantConv2d", "QuantizedLayer", "QuantLinear",
+                     "named_quantizers"), ".nn"),
+    **dict.fromkeys(("LSQQuantizer", "NIPQQuantizer", "Quantizer", "TemperingQuantizer",
+                     "make_quantizer"), ".quantizers"),
+    **dict.fromkeys(("Recipe", "RecipeError", "get_recipe", "list_recipes", "load_recipe",
+                     "register_recipe"), ".recipes"),
+    **dict.fromkeys(("LayerReport", "fp_state_dict", "initialize_quantizers", "quantize_model",
+                     "set_quantizers"), ".surgery"),
+    "QuantizationCallback": ".callback", "QuantizationFault": ".callback",
+    "QTrainer": ".trainer",
+}
 
 
 def __getattr__(name: str):
-    """Import the Lightning-dependent names on first access."""
+    """Import a public name, or a submodule (``qtrainer.export``), on first access."""
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value
+    if not name.startswith("_"):
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
     raise AttributeError(f"module 'qtrainer' has no attribute {name!r}")
 
 
