@@ -45,6 +45,8 @@ class RecipeInfo:
         weight_bits, act_bits: default bit-widths (initial ones when NIPQ learns bits).
         description: the recipe's description.
         source: ``builtin``, ``path:<dir>``, ``entry-point:<dist>`` or ``registered``.
+        target: for NIPQ mixed precision (learned bit-widths under a resource constraint), the
+            constraint (``avg 4 bits``, ``5.3 GBOPs``); empty otherwise.
     """
 
     name: str
@@ -53,6 +55,7 @@ class RecipeInfo:
     act_bits: int
     description: str
     source: str
+    target: str = ""
 
 
 @dataclass(frozen=True)
@@ -141,10 +144,21 @@ def _discover() -> dict[str, list[_Entry]]:
     return index
 
 
+def _target(recipe: Recipe) -> str:
+    """The mixed-precision constraint of a recipe that learns its bit-widths, for listings."""
+    mp = recipe.mixed_precision
+    if not getattr(recipe.method, "learn_bits", False) or mp.target == "none":
+        return ""
+    return f"avg {mp.value:g} bits" if mp.target == "avg_bits" else f"{mp.value:g} GBOPs"
+
+
 def _clash(name: str, found: list[_Entry]) -> RecipeError:
+    """Attributed to the newest definition (the last found; not a built-in), so that the error
+    names it even when raised while loading another recipe that ``extends`` the name."""
     return RecipeError("name", f"recipe name '{name}' is defined by more than one source: "
                                f"{' and '.join(e.describe() for e in found)}; rename one of them "
-                               "(register_recipe(..., overwrite=True) replaces explicitly)")
+                               "(register_recipe(..., overwrite=True) replaces explicitly)",
+                       source=found[-1].where)
 
 
 def _pick(index: dict[str, list[_Entry]], name: str) -> _Entry:
@@ -245,7 +259,7 @@ def list_recipes() -> list[RecipeInfo]:
             raise _clash(name, found)
         recipe = _load(name, None, _Lookup(index))
         infos.append(RecipeInfo(name, recipe.method.name, recipe.bits.weight, recipe.bits.activation,
-                                recipe.description, found[0].source))
+                                recipe.description, found[0].source, _target(recipe)))
     return infos
 
 
