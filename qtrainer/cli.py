@@ -1,7 +1,11 @@
 """The ``qtrainer`` command line (typer).
 
-Exit codes: 0 success; 2 bad input (a one-paragraph message naming the key, no traceback
-unless ``--debug``); 1 failure (training error, interruption: the message says how to resume).
+Exit codes: 0 success; 2 bad input (a one-paragraph message naming the key and where the bad
+value came from: a command-line argument, a run file, a recipe file; no traceback unless
+``--debug``); 1 failure (training error, interruption: the message says how to resume).
+
+Only what a command needs is imported, when it runs: ``qtrainer --help`` and ``--version``
+import neither torch nor Lightning.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ app = typer.Typer(
 
 \b
 Examples:
-  qtrainer run recipes/quickstart.yaml            # offline demo, about a minute on a CPU
+  qtrainer run quickstart                         # offline demo, about a minute on a CPU
   qtrainer run my_run.yaml trainer.max_epochs=1 recipe.bits.weight=2
   qtrainer run my_run.yaml --resume               # continue an interrupted run
   qtrainer recipes                                # the available recipes
@@ -40,7 +44,7 @@ recipes_app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]})
 app.add_typer(recipes_app, name="recipes")
 
-_STATE = {"debug": False}
+_STATE: dict = {"debug": False, "arguments": {}}
 
 
 class BadInput(Exception):
@@ -54,8 +58,21 @@ def _fail(code: int, message: str, exc: BaseException | None = None) -> None:
     raise typer.Exit(code)
 
 
+def _command_line_argument(key_path: str) -> str | None:
+    """The ``KEY=VALUE`` argument that set ``key_path`` (or a section above it), if any."""
+    key = key_path.replace("[", ".").replace("]", "")
+    for name, argument in _STATE["arguments"].items():
+        if key == name or key.startswith(name + "."):
+            return argument
+    return None
+
+
 def _describe(err: RecipeError) -> str:
-    where = f"{err.source}: " if err.source else ""
+    argument = _command_line_argument(err.key_path)
+    if argument is not None:
+        where = f"command line argument {argument!r}: "
+    else:
+        where = f"{err.source}: " if err.source else ""
     key = "" if err.key_path in ("<root>",) else f" [key: {err.key_path}]"
     return f"error: {where}{err.detail}{key}"
 
@@ -82,8 +99,22 @@ def handle_errors(fn):
     return wrapper
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+        from .versions import package_versions
+
+        v = package_versions()
+        typer.echo(f"qtrainer {__version__} (torch {v['torch']}, lightning {v['lightning']}, "
+                   f"python {v['python']})")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")):
+def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+         version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the versions of qtrainer, torch, Lightning "
+                                           "and Python, and exit.")):
     """qtrainer: quantization-aware training with recipes."""
     _STATE["debug"] = debug
 
@@ -96,8 +127,11 @@ def _lightning_logs() -> None:
 
 
 def _overrides(items: Optional[List[str]]) -> dict:
+    """Parsed ``KEY=VALUE`` arguments; remembered so that errors about those keys name the
+    argument rather than the file the key would otherwise come from."""
     from .recipes import parse_overrides
 
+    _STATE["arguments"] = {item.partition("=")[0].strip(): item for item in items or []}
     return parse_overrides(items or [])
 
 
@@ -115,7 +149,9 @@ def _read(path: str) -> dict:
 @app.command()
 @handle_errors
 def run(
-    file: str = typer.Argument(..., metavar="FILE", help="The run file (YAML)."),
+    file: str = typer.Argument(..., metavar="FILE|NAME",
+                               help="A run file (YAML), or the name of a shipped one "
+                                    "(quickstart, cifar10_resnet20_lsq, ...)."),
     overrides: Optional[List[str]] = typer.Argument(
         None, metavar="KEY=VALUE",
         help="Dotted overrides across the run file (values are YAML)."),
@@ -138,22 +174,20 @@ def run(
 
     \b
     Examples:
-      qtrainer run recipes/quickstart.yaml
-      qtrainer run recipes/cifar10_resnet20_lsq.yaml data.root=/data/cifar10-jpeg
+      qtrainer run quickstart                 # a shipped run file, by name
+      qtrainer run cifar10_resnet20_lsq data.root=/data/cifar10-jpeg
       qtrainer run run.yaml trainer.max_epochs=1 recipe.bits.weight=2 data.subset_per_class=50
       qtrainer run run.yaml --resume          # after Ctrl-C or a kill
       qtrainer run run.yaml recipe.optimizer.lr=0.001 --resume --allow-recipe-change
     """
-    from .run import load_run_file
+    from .run import load_run_file, resolve_run_file
     from .run import run as run_config
 
     _lightning_logs()
     items = dict(_overrides(overrides))
     if output_dir is not None:
         items["output_dir"] = output_dir
-    if not Path(file).is_file():
-        raise BadInput(f"run file {file!r} does not exist")
-    cfg = load_run_file(file, items)
+    cfg = load_run_file(resolve_run_file(file), items)
     try:
         run_config(cfg, resume=resume, overwrite=overwrite,
                    allow_recipe_change=allow_recipe_change, echo=typer.echo)
@@ -187,7 +221,8 @@ def recipes(ctx: typer.Context):
     rows = [("name", "method", "bits W/A", "source", "description")]
     for i in infos:
         desc = " ".join(i.description.split())
-        rows.append((i.name, i.method, f"{i.weight_bits}/{i.act_bits}", i.source,
+        bits = f"learned, {i.target}" if i.target else f"{i.weight_bits}/{i.act_bits}"
+        rows.append((i.name, i.method, bits, i.source,
                      desc if len(desc) <= 70 else desc[:67] + "..."))
     widths = [max(len(r[c]) for r in rows) for c in range(4)]
     for n, r in enumerate(rows):
@@ -201,25 +236,44 @@ def recipes(ctx: typer.Context):
 def recipes_copy(
     name: str = typer.Argument(..., metavar="NAME", help="A recipe name (or path)."),
     file: str = typer.Argument(..., metavar="FILE", help="Where to write the YAML."),
+    new_name: Optional[str] = typer.Option(None, "--name", metavar="NAME",
+                                           help="The copy's name (default: FILE's name "
+                                                "without .yaml)."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing file."),
 ):
-    """Write a recipe, fully resolved, to FILE to edit it (rename it before registering it).
+    """Write a recipe, fully resolved and renamed, to FILE to edit it.
+
+    The copy is named after FILE (or --name), so that it can sit in a folder of
+    $QTRAINER_RECIPE_PATH next to the original without a name clash.
 
     \b
     Examples:
-      qtrainer recipes copy lsq-4bit my-lsq.yaml
+      qtrainer recipes copy lsq-4bit my-lsq.yaml        # recipe 'my-lsq'
       qtrainer run my_run.yaml recipe=my-lsq.yaml
     """
     from .atomic import write_text_atomic
     from .recipes import load_recipe
 
-    recipe = load_recipe(name)
+    source = load_recipe(name)
+    target = new_name if new_name is not None else Path(file).name.rsplit(".", 1)[0]
+    try:
+        load_recipe(target)
+    except RecipeError as e:
+        if e.key_path != "name" or "unknown recipe" not in e.detail:
+            raise
+    else:
+        raise BadInput(f"a recipe named {target!r} exists already; give the copy another name "
+                       f"with --name or another FILE name")
+    try:
+        recipe = load_recipe(source.to_dict(), overrides={"name": target})
+    except RecipeError as e:
+        raise BadInput(f"{target!r} cannot name a recipe ({e.detail}); pass --name") from None
     if Path(file).exists() and not force:
         raise BadInput(f"{file!r} exists; pass --force to replace it")
     Path(file).parent.mkdir(parents=True, exist_ok=True)
-    text = f"# copied from recipe '{recipe.name}'; give it a new name before publishing it\n"
+    text = f"# copy of recipe '{source.name}', renamed '{recipe.name}'\n"
     write_text_atomic(file, text + recipe.to_yaml())
-    typer.echo(f"wrote {file}")
+    typer.echo(f"wrote {file} (recipe '{recipe.name}', a copy of '{source.name}')")
 
 
 # ----------------------------------------------------------------------------- show, validate
@@ -263,23 +317,32 @@ def validate(
 ):
     """Check a run file or recipe file without running it (exit 2 with the key on errors).
 
+    Run files: besides every key, the classes named by model.class_path and data.class_path
+    must import, and the recipes' layer patterns must match layers of the model (built
+    without loading data, when the data section gives its input shape).
+
     \b
     Examples:
       qtrainer validate recipes/lsq_resnet18.yaml
       qtrainer validate my-recipe.yaml
     """
     from .recipes import load_recipe
-    from .run import is_run_file, load_run_file
+    from .run import is_run_file, load_run_file, resolve_run_file
+    from .run.layers import check_without_data
 
-    raw = _read(file)
     items = _overrides(overrides)
+    if not Path(file).is_file():
+        file = str(resolve_run_file(file))
+    raw = _read(file)
     if is_run_file(raw):
         cfg = load_run_file(file, items)
+        note = check_without_data(cfg)
         names = ", ".join(f"{r.name} ({r.method.name}, {r.phases.epochs} epochs)"
                           for r in cfg.recipes)
         typer.echo(f"ok: run file {file}: recipes {names}; model "
                    f"{cfg.model.get('name') or cfg.model.get('class_path')}; data "
-                   f"{cfg.data['name']}; output {cfg.output_dir}")
+                   f"{cfg.data.get('name') or cfg.data.get('class_path')}; output "
+                   f"{cfg.output_dir}; {note}")
     else:
         recipe = load_recipe(file, overrides=items)
         typer.echo(f"ok: recipe {recipe.name} ({recipe.method.name}, hash "
@@ -382,8 +445,12 @@ def export_(
     meta = {"recipe": cfg.recipe.name, "recipe_hash": cfg.recipe.content_hash(),
             "checkpoint": os.path.abspath(ckpt)}
     module.eval()
-    report = export_model(module.model, path, format=format, example_input=bundle.example_input,
-                          fold_bn=fold_bn, metadata=meta)
+    try:
+        report = export_model(module.model, path, format=format,
+                              example_input=bundle.example_input, fold_bn=fold_bn, metadata=meta)
+    except ModuleNotFoundError as e:
+        raise BadInput(f"--format {format} needs the {e.name} package, which is not installed: "
+                       f"pip install {e.name}") from None
     typer.echo(f"wrote {path} ({report.get('file_bytes', path.stat().st_size)} bytes, {format})")
 
 

@@ -1,15 +1,19 @@
-"""How qtrainer sets up ``lightning.pytorch.Trainer``: default arguments, the checkpoint
-callbacks, loggers, quieter logs, and evaluation of a module on a loader.
+"""How qtrainer sets up ``lightning.pytorch.Trainer``: default arguments, the progress display,
+the checkpoint callbacks, loggers, quieter logs, and evaluation of a module on a loader.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import sys
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 
 DEFAULT_TRAINER_ARGS = {"num_sanity_val_steps": 0, "enable_model_summary": False,
                         "log_every_n_steps": 10}
@@ -57,13 +61,115 @@ def checkpoint_callbacks(dirpath: Path, validation: bool) -> list[ModelCheckpoin
     return out
 
 
+def in_terminal() -> bool:
+    """Whether standard output is a terminal (not a file, a pipe, a CI log or ``nohup``)."""
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stdout
+        return False
+
+
+class EpochLines(Callback):
+    """The progress display outside a terminal: one line per epoch, printed when it ends::
+
+        epoch 3/8  loss 0.4123  acc 88.20%  val_loss 0.3811  val_acc 90.12%  bits W 3.91 A 4.02  phase noise  lambda 0.0821
+
+    ``bits`` (average weight/activation bits), ``phase`` and ``lambda`` appear in QAT (lambda
+    only for noise tempering); ``phase`` is ``fp`` in full-precision training, ``noise`` or
+    ``hard`` for NIPQ and ``qat`` otherwise. Rank 0 prints; nothing is printed per batch.
+    """
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        m = float_metrics(trainer.callback_metrics)
+        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
+        for key, label, pct in (("train_loss_epoch", "loss", False), ("train_acc", "acc", True),
+                                ("val_loss", "val_loss", False), ("val_acc", "val_acc", True)):
+            if key in m and math.isfinite(m[key]):
+                parts.append(f"{label} {100 * m[key]:.2f}%" if pct else f"{label} {m[key]:.4f}")
+        if "qat/avg_weight_bits" in m:
+            parts.append(f"bits W {m['qat/avg_weight_bits']:.2f} A {m['qat/avg_act_bits']:.2f}")
+        quant = next((c for c in trainer.callbacks if hasattr(c, "phase")), None)
+        if quant is None:
+            parts.append("phase fp")
+        else:
+            parts.append(f"phase {quant.phase if getattr(quant, 'is_nipq', False) else 'qat'}")
+        if "qat/lambda" in m:
+            parts.append(f"lambda {m['qat/lambda']:.4g}")
+        print("  ".join(parts), flush=True)
+
+
+class WallClock(Callback):
+    """Training wall time that survives a resume: the seconds of every fit of this run, kept
+    in the checkpoints (``seconds`` after a resumed fit counts the earlier attempts up to the
+    checkpoint it resumed from, plus this one)."""
+
+    def __init__(self):
+        self.seconds, self._start = 0.0, None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter() - self.seconds
+
+    def _now(self) -> float:
+        return self.seconds if self._start is None else time.perf_counter() - self._start
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.seconds = self._now()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.seconds = self._now()
+
+    def state_dict(self) -> dict:
+        return {"seconds": self._now()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.seconds = float(state_dict.get("seconds", 0.0))
+        self._start = time.perf_counter() - self.seconds
+
+
+def progress_display(trainer_kwargs: Mapping, callbacks: list) -> tuple[list, dict]:
+    """The progress display that fits where the run's output goes: ``(callbacks to add,
+    Trainer arguments)``. In a terminal, Lightning's rich progress bar (its tqdm bar when rich
+    is missing); elsewhere :class:`EpochLines`. Nothing when the user set
+    ``enable_progress_bar`` or passed a progress bar callback."""
+    if "enable_progress_bar" in trainer_kwargs or any(isinstance(c, ProgressBar) for c in callbacks):
+        return [], {}
+    if not in_terminal():
+        return [EpochLines()], {"enable_progress_bar": False}
+    try:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        return [RichProgressBar(leave=True)], {}
+    except (ImportError, ModuleNotFoundError):  # rich not installed
+        return [], {}
+
+
 def trainer_args(trainer_kwargs: Mapping, **extra) -> dict:
     """``lightning.pytorch.Trainer`` arguments: qtrainer's defaults, then ``extra``, then the
-    user's ``trainer_kwargs``."""
+    user's ``trainer_kwargs``; plus the progress display (:func:`progress_display`)."""
     args = {**DEFAULT_TRAINER_ARGS, "logger": False, "enable_checkpointing": False}
     args.update(extra)
     args.update(trainer_kwargs)
+    shown, display_args = progress_display(trainer_kwargs, list(args.get("callbacks") or []))
+    args["callbacks"] = [*(args.get("callbacks") or []), *shown]
+    args.update(display_args)
     return args
+
+
+@contextlib.contextmanager
+def validation_step_off(module: pl.LightningModule, off: bool):
+    """Hide ``module.validation_step`` from Lightning while ``off`` (a fit without validation
+    data), so that Lightning does not warn about a validation step without a loader at every
+    stage; the module is as before afterwards."""
+    if not off or "validation_step" in vars(module):
+        yield module
+        return
+    module.validation_step = None  # Lightning's is_overridden() treats None as not defined
+    try:
+        yield module
+    finally:
+        del module.validation_step
 
 
 def loggers(output_dir: Path) -> list:
@@ -94,6 +200,7 @@ def evaluate_module(module: pl.LightningModule, loader, trainer_kwargs: Mapping 
     device; no quantization callback: the model is evaluated as it is)."""
     args = {k: v for k, v in dict(trainer_kwargs or {}).items()
             if k in ("accelerator", "precision", "enable_progress_bar", "inference_mode")}
+    args.setdefault("enable_progress_bar", in_terminal())
     args.update(logger=False, enable_checkpointing=False, enable_model_summary=False,
                 callbacks=[], devices=1)
     tester = pl.Trainer(**args)
@@ -104,5 +211,6 @@ def evaluate_module(module: pl.LightningModule, loader, trainer_kwargs: Mapping 
             "loss": float(result["test_loss"])}
 
 
-__all__ = ["DEFAULT_TRAINER_ARGS", "checkpoint_callbacks", "evaluate_module", "float_metrics",
-           "loggers", "quiet_lightning", "quiet_warnings", "trainer_args"]
+__all__ = ["DEFAULT_TRAINER_ARGS", "EpochLines", "WallClock", "checkpoint_callbacks", "evaluate_module",
+           "float_metrics", "in_terminal", "loggers", "progress_display", "quiet_lightning",
+           "quiet_warnings", "trainer_args", "validation_step_off"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,8 @@ from torch import nn
 
 from .callback import QuantizationCallback
 from .checkpoint_io import AtomicCheckpointIO
-from .lightning_setup import (checkpoint_callbacks, evaluate_module, float_metrics, loggers,
-                              quiet_warnings, trainer_args)
+from .lightning_setup import (WallClock, checkpoint_callbacks, evaluate_module, float_metrics,
+                              loggers, quiet_warnings, trainer_args, validation_step_off)
 from .lit_module import ClassificationModule
 from .loaders import EpochSync, first_input, make_loader, to_cpu
 from .nn import QuantizedLayer
@@ -188,19 +187,20 @@ class QTrainer:
             cbs += saving
             logger = self._loggers() or False
         cbs += list(callbacks or [])
-        cbs.append(EpochSync())
+        clock = WallClock()  # its seconds travel in checkpoints: a resumed fit counts them all
+        cbs += [EpochSync(), clock]
         args = self._trainer_args(max_epochs=self.recipe.phases.epochs, callbacks=cbs,
                                   logger=logger, enable_checkpointing=self.output_dir is not None,
                                   plugins=[AtomicCheckpointIO()],
                                   default_root_dir=str(self.output_dir or "."))
         self.trainer = pl.Trainer(**args)
-        start = time.perf_counter()
-        if datamodule is not None:
-            self.trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        else:
-            self.trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
-                             ckpt_path=ckpt_path)
-        self.fit_seconds += time.perf_counter() - start
+        with validation_step_off(module, val_loader is None):
+            if datamodule is not None:
+                self.trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            else:
+                self.trainer.fit(module, train_dataloaders=train_loader,
+                                 val_dataloaders=val_loader, ckpt_path=ckpt_path)
+        self.fit_seconds += clock.seconds
         self.history = float_metrics(self.trainer.callback_metrics)
         return self.history
 

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 import qtrainer.data.npz as npz_source
 from qtrainer.data import (
     DataBundle,
+    IMAGENET_MEAN,
     DeviceLoader,
     ImageArrayDataset,
     build_data,
@@ -338,22 +339,89 @@ def test_build_data_npz_jpeg_subset(cifar_root):
     torch.testing.assert_close(datasets.test[0][0], expected.float())
 
 
-def test_build_data_image_folder(tmp_path):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 4), ("val", 2)):
-        for name in ("cat", "dog"):
-            (tmp_path / split / name).mkdir(parents=True)
-            for i in range(n):
-                image = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
-                Image.fromarray(image).save(tmp_path / split / name / f"{i}.png")
-    spec = {"name": "imagefolder", "root": str(tmp_path), "num_workers": 0, "val_size": 2}
+def _folder(root, splits, size=(28, 28), mode="L", per_class=4, seed=0):
+    """``root/<split>/<class>/<i>.png``: random images of one size and mode, where class
+    ``one`` is brighter than class ``zero``."""
+    rng = np.random.default_rng(seed)
+    channels = 1 if mode == "L" else 3
+    for split in splits:
+        for c, name in enumerate(("zero", "one")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 128, (*size, channels), dtype=np.uint8) + 100 * c
+                Image.fromarray(pixels.squeeze(-1) if mode == "L" else pixels, mode).save(
+                    root / split / name / f"{i}.png")
+
+
+def test_image_folder_keeps_size_and_gray_channel_and_computes_stats(tmp_path):
+    _folder(tmp_path, ("train", "test"), per_class=10)
+    bundle = build_data({"name": "imagefolder", "root": str(tmp_path), "num_workers": 0,
+                         "val_size": 4})
+    assert bundle.classes == ["one", "zero"] and bundle.input_shape == (1, 28, 28)
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (16, 4, 20)
+    assert bundle.example_input.shape == (8, 1, 28, 28)
+    # mean/std are the training images' own: the normalized eval images have mean 0, std 1
+    train_pixels = np.stack([bundle.train.pixels(i) for i in range(len(bundle.train))])
+    assert bundle.mean[0] == pytest.approx(train_pixels.mean() / 255, rel=1e-9)
+    assert bundle.std[0] == pytest.approx(train_pixels.std() / 255, rel=1e-9)
+    eval_train = type(bundle.train)(bundle.train.samples, 1, None, False, bundle.mean, bundle.std, 0)
+    x = torch.stack([eval_train[i][0] for i in range(len(eval_train))])
+    assert abs(x.mean().item()) < 1e-5 and abs(x.std(unbiased=False).item() - 1) < 1e-5
+    # training items are cropped (zero padding, 28 / 8 = 4 pixels at most) and flipped
+    torch.manual_seed(0)
+    assert bundle.train[0][0].shape == (1, 28, 28)
+    # a model built from the bundle takes one input channel
+    from qtrainer.models import build_model
+
+    model = build_model({"name": "small_cnn"}, num_classes=2, input_shape=bundle.input_shape)
+    assert model(bundle.example_input).shape == (8, 2)
+
+
+def test_image_folder_val_and_test_resize_rgb_and_given_stats(tmp_path):
+    _folder(tmp_path, ("train", "val", "test"), size=(20, 12), mode="RGB")
+    spec = {"name": "imagefolder", "root": str(tmp_path), "num_workers": 0, "image_size": 16,
+            "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
     bundle = build_data(spec)
-    assert bundle.classes == ["cat", "dog"] and bundle.input_shape == (3, 224, 224)
-    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (6, 2, 4)
-    assert bundle.train[0][0].shape == bundle.val[0][0].shape == (3, 224, 224)
-    assert bundle.example_input.shape == (4, 3, 224, 224)
+    assert bundle.input_shape == (3, 16, 16) and bundle.mean == (0.5, 0.5, 0.5)
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (8, 8, 8)  # val/ is val
+    assert bundle.test[0][0].shape == (3, 16, 16)
+    rgb_as_gray = build_data({**spec, "channels": 1, "mean": None, "std": None})
+    assert rgb_as_gray.input_shape == (1, 16, 16)
+    (tmp_path / "train" / "zero" / "0.png").unlink()
+    Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(tmp_path / "train" / "zero" / "0.png")
+    with pytest.raises(ValueError, match=r"differ in size .*set data.image_size"):
+        build_data({**spec, "image_size": None})
+    _folder(tmp_path / "alone", ("train",))
+    with pytest.raises(FileNotFoundError, match="no val/ or test/"):
+        build_data({"name": "imagefolder", "root": str(tmp_path / "alone")})
+
+
+def test_imagenet_pipeline_on_image_folders(tmp_path):
+    _folder(tmp_path, ("train", "val"), size=(40, 30), mode="RGB", per_class=2)
+    bundle = build_data({"name": "imagenet", "root": str(tmp_path), "num_workers": 0})
+    assert bundle.input_shape == (3, 224, 224) and bundle.mean == IMAGENET_MEAN
+    assert (len(bundle.train), bundle.val, len(bundle.test)) == (4, None, 4)
     with pytest.raises(FileNotFoundError, match="no train/ folder"):
         build_data({"name": "imagenet", "root": str(tmp_path / "val")})
+
+
+def test_seed_orders_batches_and_data_seed_splits(cifar_root):
+    spec = {"name": "npz-jpeg", "root": str(cifar_root), "subset_per_class": 12,
+            "test_per_class": 1, "val_size": 20, "device_resident": True, "device": "cpu",
+            "batch_size": 16, "seed": 3}
+
+    def first_batch_and_val(spec, seed):
+        bundle = build_data(spec, seed=seed)
+        return next(iter(bundle.train))[1], bundle.val.labels.clone(), bundle.val.images.clone()
+
+    a_batch, a_labels, a_images = first_batch_and_val(spec, 0)
+    b_batch, b_labels, b_images = first_batch_and_val(spec, 1)
+    assert not torch.equal(a_batch, b_batch)  # the run's seed: another batch order
+    assert torch.equal(a_images, b_images)  # ... on the same split
+    again = first_batch_and_val(spec, 0)[0]
+    assert torch.equal(a_batch, again)
+    c_images = first_batch_and_val({**spec, "seed": 4}, 0)[2]
+    assert not torch.equal(a_images, c_images)  # data.seed: another split
 
 
 @pytest.mark.parametrize(

@@ -40,7 +40,7 @@ def test_every_run_file_validates(path):
 def test_lsq_resnet18_is_the_papers_imagenet_recipe():
     cfg = load_run_file(ROOT / "recipes" / "lsq_resnet18.yaml")
     r = cfg.recipe
-    assert cfg.model["name"] == "resnet18" and cfg.data["name"] == "imagefolder"
+    assert cfg.model["name"] == "resnet18" and cfg.data["name"] == "imagenet"
     assert (r.method.name, r.bits.weight, r.bits.activation, r.first_last.bits) == ("lsq", 4, 4, 8)
     assert r.phases.epochs == 90 and r.lr_schedule.name == "cosine" and r.lr_schedule.floor == 0
     assert (r.optimizer.name, r.optimizer.lr, r.optimizer.momentum) == ("sgd", 0.01, 0.9)
@@ -196,8 +196,8 @@ def test_recipe_paths_resolve_against_the_run_file(tmp_path):
     assert (cfg.recipe.name, cfg.recipe.bits.weight, cfg.recipe.bits.activation) == ("mine", 3, 2)
 
 
-def test_seed_fills_the_data_seed():
-    assert validate_run({**MINIMAL, "seed": 7}).data["seed"] == 7
+def test_data_seed_is_the_split_and_independent_of_seed():
+    assert validate_run({**MINIMAL, "seed": 7}).data["seed"] == 0  # the split stays put
     assert validate_run({**MINIMAL, "seed": 7, "data": {"name": "digits", "seed": 1}}).data["seed"] == 1
 
 

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Subset
 
 from .bundle import DataBundle, example_input, int_option
+from .datamodule import datamodule_bundle
 from .digits import DIGITS_MEAN, DIGITS_STD, load_digits_split
 from .folders import image_folder_bundle
 from .images import DeviceLoader, ImageArrayDataset
@@ -26,9 +27,11 @@ DATA_KEYS = {
     "npz-jpeg": _ARRAY_KEYS,
     "cifar10": _ARRAY_KEYS | {"download"},
     "cifar100": _ARRAY_KEYS | {"download"},
-    "imagefolder": _COMMON_KEYS | {"root"},
+    "imagefolder": _COMMON_KEYS | {"root", "image_size", "channels", "mean", "std"},
     "imagenet": _COMMON_KEYS | {"root"},
 }
+"""The keys of each ``data.name``; a ``data:`` section may instead name a LightningDataModule
+by ``class_path`` and ``init_args`` (:mod:`qtrainer.data.datamodule`)."""
 
 
 def did_you_mean(value, allowed) -> str:
@@ -36,8 +39,12 @@ def did_you_mean(value, allowed) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def build_data(spec: dict) -> DataBundle:
-    """Build the datasets described by a recipe's ``data:`` section.
+def build_data(spec: dict, seed: int | None = None) -> DataBundle:
+    """Build the datasets described by a run file's ``data:`` section.
+
+    ``data.seed`` chooses the split (subsets, the held-out validation images, digits' test
+    split); ``seed`` (the run's ``seed``; default ``data.seed``) the training batches' order
+    and augmentation (a device-resident loader's; DataLoaders are shuffled by the caller).
 
     ``name`` (required) is one of:
 
@@ -46,20 +53,28 @@ def build_data(spec: dict) -> DataBundle:
       default :func:`default_cifar10_jpeg_root`). Normalized with the mean/std of the training
       split.
     - ``cifar10``/``cifar100``: torchvision's copies under ``root``; ``download`` (False).
-    - ``imagefolder``/``imagenet``: ``root`` with ``train/`` and ``val/`` class folders (``val/``
-      is the test split); random-resized 224 crop + flip for training, resize 256 + center crop
-      224 for evaluation, ImageNet mean/std.
+    - ``imagefolder``: your images, ``root`` with ``train/`` and ``val/`` and/or ``test/`` class
+      folders, at their own size (``image_size``: resize to N or [H, W]), grayscale kept as one
+      channel (``channels``: auto | 1 | 3), mean/std from the training images unless given
+      (``mean``, ``std``: one number per channel); see :mod:`qtrainer.data.folders`.
+    - ``imagenet``: the same folders with ImageNet's pipeline (random-resized 224 crop + flip
+      for training, resize 256 + center crop 224 for evaluation, ImageNet mean/std).
+
+    Or ``class_path`` (+ ``init_args``): a LightningDataModule (:mod:`qtrainer.data.datamodule`).
 
     Common keys: ``batch_size`` (128), ``num_workers`` (0 for in-memory data, else up to 8),
-    ``seed`` (0; subsets, splits and shuffling), ``drop_last`` (False; training batches),
+    ``seed`` (0; subsets and splits), ``drop_last`` (False; training batches),
     ``val_size``: images held out of the training data for validation, stratified (default
-    10% of the training pool, i.e. 5,000 for CIFAR; 0 for image folders, giving ``val=None``).
+    10% of the training pool, i.e. 5,000 for CIFAR; 0 for ``imagenet``, giving ``val=None``;
+    none when an image folder has both ``val/`` and ``test/``).
     Array datasets (``npz-jpeg``, ``cifar10``, ``cifar100``) also take ``subset_per_class``
     (a stratified training pool, before the hold-out), ``test_per_class`` (a stratified test
     subset), ``device_resident`` (False; serve batches from a :class:`DeviceLoader`), ``device``
     (for ``device_resident``; default CUDA when available) and ``channels_last`` (False).
     """
     spec = dict(spec)
+    if "class_path" in spec:
+        return datamodule_bundle(spec)
     name = spec.get("name")
     if name not in DATA_KEYS:
         raise ValueError(
@@ -72,16 +87,17 @@ def build_data(spec: dict) -> DataBundle:
                 f"data.{key} is not a valid key for data.name={name!r}; allowed: "
                 f"{', '.join(sorted(DATA_KEYS[name]))}{did_you_mean(key, DATA_KEYS[name])}"
             )
-    seed = int_option(spec, "seed", 0)
+    split_seed = int_option(spec, "seed", 0)
     options = dict(
         batch_size=int_option(spec, "batch_size", 128, minimum=1),
         drop_last=bool(spec.get("drop_last", False)),
-        seed=seed,
+        seed=split_seed if seed is None else int(seed),  # the bundle's: shuffling
     )
     if name == "digits":
-        train, test = load_digits_split(seed, spec.get("test_fraction", 0.2))
+        train, test = load_digits_split(split_seed, spec.get("test_fraction", 0.2))
         labels = train.tensors[1].numpy()
-        keep, held = stratified_split(labels, int_option(spec, "val_size", len(labels) // 10), seed)
+        keep, held = stratified_split(labels, int_option(spec, "val_size", len(labels) // 10),
+                                      split_seed)
         return DataBundle(
             train=Subset(train, keep.tolist()),
             val=Subset(train, held.tolist()) if len(held) else None,
@@ -142,7 +158,7 @@ def _load_arrays(name: str, spec: dict, subset_per_class, test_per_class, seed: 
 
 
 def _array_bundle(name: str, spec: dict, options: dict) -> DataBundle:
-    seed = options["seed"]
+    seed = int_option(spec, "seed", 0)  # the split's
     train_x, train_y, test_x, test_y, classes = _load_arrays(
         name,
         spec,
@@ -168,7 +184,7 @@ def _array_bundle(name: str, spec: dict, options: dict) -> DataBundle:
                 std,
                 train=split == "train",
                 device=device,
-                seed=seed,
+                seed=options["seed"],
                 drop_last=split == "train" and options["drop_last"],
                 channels_last=bool(spec.get("channels_last", False)),
             )

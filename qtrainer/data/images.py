@@ -53,6 +53,18 @@ def _image_tensors(images, labels) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
+def augment_and_normalize(image: torch.Tensor, train: bool, crop_padding: int, flip: bool,
+                          mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """One uint8 1 × H × W × C image -> float32 C × H × W: with ``train``, a random crop after
+    zero-padding by ``crop_padding`` and (``flip``) a horizontal flip with probability 1/2,
+    drawn from torch's global RNG; then ``(pixel / 255 - mean) / std``."""
+    if train:
+        oy, ox = torch.randint(0, 2 * crop_padding + 1, (2, 1))
+        flips = torch.rand(1) < 0.5 if flip else torch.zeros(1, dtype=torch.bool)
+        image = _crop_flip(image, oy, ox, flips, crop_padding)
+    return _normalize(image, mean, std)[0].contiguous()
+
+
 class ImageArrayDataset(Dataset):
     """A Dataset over an in-memory uint8 N × H × W × C image array.
 
@@ -82,12 +94,9 @@ class ImageArrayDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = self.images[i : i + 1]
-        if self.train:
-            oy, ox = torch.randint(0, 2 * self.crop_padding + 1, (2, 1))
-            flip = torch.rand(1) < 0.5 if self.flip else torch.zeros(1, dtype=torch.bool)
-            image = _crop_flip(image, oy, ox, flip, self.crop_padding)
-        return _normalize(image, self.mean, self.std)[0].contiguous(), int(self.labels[i])
+        x = augment_and_normalize(self.images[i : i + 1], self.train, self.crop_padding,
+                                  self.flip, self.mean, self.std)
+        return x, int(self.labels[i])
 
 
 class DeviceLoader:
@@ -163,4 +172,4 @@ class DeviceLoader:
             yield (x if self.channels_last else x.contiguous()), self.labels[index]
 
 
-__all__ = ["DeviceLoader", "ImageArrayDataset"]
+__all__ = ["DeviceLoader", "ImageArrayDataset", "augment_and_normalize"]

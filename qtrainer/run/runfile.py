@@ -2,7 +2,7 @@
 
 Schema (``recipe``, ``model`` and ``data`` are required; everything else is optional)::
 
-    seed: 0                      # model init, shuffling, noise; also data.seed when not given
+    seed: 0                      # model init, batch order, augmentation, noise (not the split)
     num_threads: 1               # torch CPU threads for this run (default: torch's choice)
     output_dir: runs/my-run      # default runs/<run file name>; relative to the working dir
     recipe: lsq-4bit             # a recipe name or path, or a mapping (inline or `extends:`)
@@ -21,7 +21,8 @@ Schema (``recipe``, ``model`` and ``data`` are required; everything else is opti
       schedule: cosine           # cosine | constant (per step, after the warm-up)
       warmup_epochs: 0
       label_smoothing: 0.0
-    data: {name: npz-jpeg, batch_size: 128}   # qtrainer.data.build_data's keys
+    data: {name: npz-jpeg, batch_size: 128}   # qtrainer.data.build_data's keys; seed: the split
+    # data: {class_path: my_pkg.data.MyDataModule, init_args: {batch_size: 64}}  # or yours
     trainer:                     # lightning.pytorch.Trainer arguments
       max_epochs: 90             # QAT epochs: sets every recipe's phases.epochs (warm-up and
                                  # NIPQ hard epochs scaled alike); default: the recipe's
@@ -236,7 +237,7 @@ def _validate(raw: object, source: str | None, base_dir: Path | None) -> RunConf
             raise err("pretrain.warmup_epochs", f"pretrain.warmup_epochs: {pretrain.warmup_epochs}"
                                                  f" is greater than pretrain.epochs "
                                                  f"({pretrain.epochs})")
-    data = check_data(raw["data"], seed)
+    data = check_data(raw["data"])
     export = check_export(raw.get("export", ["int"]))
     return RunConfig(recipe=recipe, compare=compare, model=model, pretrain=pretrain, data=data,
                      seed=seed, num_threads=num_threads, output_dir=output_dir,
@@ -281,6 +282,10 @@ def apply_run_overrides(raw: Mapping, overrides: Mapping[str, Any],
                 item = {"extends": _recipe_source(item, base, f"compare[{index}]")}
             items[int(index)] = _recipe_overrides(item, sub, value, f"compare[{index}]")
             continue
+        if head in ("model", "data") and rest in ("class_path", "name") \
+                and isinstance(out.get(head), Mapping):
+            out[head] = _switch_kind(out[head], rest, value, head)
+            continue
         node = out
         parts = key.split(".")
         if any(not p for p in parts):
@@ -297,6 +302,17 @@ def apply_run_overrides(raw: Mapping, overrides: Mapping[str, Any],
             node = node[part]
         node[parts[-1]] = value
     return out
+
+
+def _switch_kind(section: Mapping, key: str, value: object, head: str) -> dict:
+    """``model.class_path=...`` on a section that names a built-in (or ``name=...`` on one
+    with a class_path): the new kind replaces the old one with its arguments; a model keeps
+    its ``checkpoint``, a data section its ``init_args`` or its keys when the kind is unchanged."""
+    old_kind = "class_path" if "class_path" in section else "name"
+    if key == old_kind:
+        return {**section, key: value}
+    keep = {k: v for k, v in section.items() if k == "checkpoint"}
+    return {key: value, **keep}
 
 
 def _recipe_overrides(recipe: object, key: str, value: object, prefix: str) -> dict:

@@ -26,8 +26,8 @@ from torch.utils.data import Dataset
 
 from ..atomic import atomic_write, write_text_atomic
 from ..checkpoint_io import AtomicCheckpointIO
-from ..lightning_setup import (checkpoint_callbacks, evaluate_module, loggers, quiet_warnings,
-                               trainer_args)
+from ..lightning_setup import (WallClock, checkpoint_callbacks, evaluate_module, loggers,
+                               quiet_warnings, trainer_args, validation_step_off)
 from ..lit_module import ClassificationModule
 from ..loaders import EpochSync, make_loader
 from ..recipes import Recipe, RecipeError
@@ -107,13 +107,16 @@ def bundle_loaders(bundle, seed: int):
 
 
 def prepare(cfg: RunConfig):
-    """Build the data bundle and the (untrained, or checkpoint-loaded) FP model of a run.
-    Problems with the data or model section are :class:`RunFileError`\\ s."""
+    """Build the data bundle and the (untrained, or checkpoint-loaded) FP model of a run, and
+    check the recipes' layer patterns against the model. Problems with the data or model
+    section, or a pattern that matches no layer, are :class:`RunFileError`\\ s (raised before
+    any training)."""
     from ..data import build_data
     from ..models import build_model, load_checkpoint_weights
+    from .layers import check_layer_patterns
 
     try:
-        bundle = build_data(cfg.data)
+        bundle = build_data(cfg.data, seed=cfg.seed)
     except (ValueError, FileNotFoundError, OSError, ImportError) as e:
         raise RunFileError("data", f"data: {e}") from None
     spec = {k: v for k, v in cfg.model.items() if k != "checkpoint"}
@@ -126,6 +129,7 @@ def prepare(cfg: RunConfig):
             load_checkpoint_weights(model, cfg.model["checkpoint"])
         except (ValueError, FileNotFoundError) as e:
             raise RunFileError("model.checkpoint", f"model.checkpoint: {e}") from None
+    check_layer_patterns(cfg.recipes, model)
     return bundle, model
 
 
@@ -162,17 +166,18 @@ def pretrain(model: nn.Module, bundle, cfg: RunConfig, out: Path, resume: bool =
                                   example_input=bundle.example_input)
     stage = out / "pretrain"
     last = stage / "checkpoints" / "last.ckpt"
+    clock = WallClock()
     args = trainer_args(_trainer_kwargs(cfg), max_epochs=p.epochs, logger=loggers(stage),
-                                callbacks=[*checkpoint_callbacks(stage / "checkpoints", val is not None),
-                                           *_extra_callbacks(), EpochSync()],
-                                enable_checkpointing=True, plugins=[AtomicCheckpointIO()],
-                                default_root_dir=str(stage))
+                        callbacks=[*checkpoint_callbacks(stage / "checkpoints", val is not None),
+                                   *_extra_callbacks(), EpochSync(), clock],
+                        enable_checkpointing=True, plugins=[AtomicCheckpointIO()],
+                        default_root_dir=str(stage))
     quiet_warnings()
-    start = time.perf_counter()
     trainer = pl.Trainer(**args)
-    trainer.fit(module, train_dataloaders=train, val_dataloaders=val,
-                ckpt_path=str(last) if resume and last.is_file() else None)
-    seconds = time.perf_counter() - start
+    with validation_step_off(module, val is None):
+        trainer.fit(module, train_dataloaders=train, val_dataloaders=val,
+                    ckpt_path=str(last) if resume and last.is_file() else None)
+    seconds = clock.seconds  # every attempt's training up to its checkpoint, plus this one
     metrics = evaluate_module(module, test, _trainer_kwargs(cfg))
     from ..report import merge_metrics
 
@@ -361,6 +366,10 @@ def _run_job(index: int, cfg: RunConfig, recipe: Recipe, fp_model: nn.Module, bu
         try:
             rep = qt.export(path, format=fmt)
             exports[fmt] = {"path": str(path), "file_bytes": rep.get("file_bytes")}
+        except ModuleNotFoundError as e:  # an install without a default dependency
+            exports[fmt] = {"skipped": f"{e.name} is not installed"}
+            echo(f"{recipe.name}: export {fmt} skipped: the {e.name} package is not installed "
+                 f"(pip install {e.name})")
         except Exception as e:  # noqa: BLE001 - an export failure must not lose the run
             exports[fmt] = {"error": f"{type(e).__name__}: {e}"}
             echo(f"{recipe.name}: export {fmt} failed: {type(e).__name__}: {e}")

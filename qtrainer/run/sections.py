@@ -61,6 +61,37 @@ _DATA_CHECKS = {
     "test_fraction": Float(0.0, 1.0, lo_open=True, hi_open=True),
 }
 
+
+def _image_size(value: object, path: str) -> object:
+    size = Int(1, 1 << 16)
+    if value is None:
+        return None
+    if isinstance(value, list) and len(value) == 2:
+        return [size(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return size(value, path)
+    raise err(path, f"{path}: expected a positive integer, [height, width] or null (the images' "
+                    f"own size), got {show(value)}")
+
+
+def _channels(value: object, path: str) -> object:
+    if value in ("auto", 1, 3) and not isinstance(value, bool):
+        return value
+    raise err(path, f"{path}: invalid value {show(value)}; allowed: 'auto', 1, 3")
+
+
+def _per_channel(value: object, path: str) -> object:
+    if value is None:
+        return None
+    if isinstance(value, list) and 1 <= len(value) <= 4:
+        return [Float(-1e3, 1e3)(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    raise err(path, f"{path}: expected a list of one number per channel (units of the [0, 1] "
+                    f"pixel), got {show(value)}")
+
+
+_DATA_CHECKS.update(image_size=_image_size, channels=_channels, mean=_per_channel,
+                    std=_per_channel)
+
 def _check_model_arg(value: object, annotation: str, path: str) -> None:
     """Sizes of the built-in models: a positive int (``width``), or a list of them where the
     constructor takes ``int | Sequence[int]`` (the MLP's ``hidden``)."""
@@ -87,18 +118,7 @@ def check_model(raw: object) -> dict:
     if ckpt is not None and not isinstance(ckpt, str):
         raise err("model.checkpoint", f"model.checkpoint: expected a file path, got {show(ckpt)}")
     if "class_path" in spec:
-        allowed = ("class_path", "init_args", "checkpoint")
-        for key in spec:
-            if key not in allowed:
-                raise unknown(key, allowed, "model")
-        if not isinstance(spec["class_path"], str) or "." not in spec["class_path"]:
-            raise err("model.class_path", f"model.class_path: expected 'package.module.Class', "
-                                           f"got {show(spec['class_path'])}")
-        init_args = spec.get("init_args")
-        if init_args is not None and not isinstance(init_args, Mapping):
-            raise err("model.init_args", f"model.init_args: expected a mapping, got "
-                                          f"{show(init_args)}")
-        return spec
+        return _check_class_path(spec, "model", ("class_path", "init_args", "checkpoint"))
     if "name" not in spec:
         raise err("model.name", "missing required key 'model.name' (a built-in such as "
                                  f"{', '.join(BUILTIN_MODELS)}, a torchvision model such as "
@@ -128,10 +148,16 @@ def check_model(raw: object) -> dict:
                                     "model.checkpoint instead")
     return spec
 
-def check_data(raw: object, seed: int) -> dict:
+def check_data(raw: object) -> dict:
+    """The ``data:`` section: a ``name`` with its keys, or a LightningDataModule's
+    ``class_path`` and ``init_args``. ``seed`` (the split's) defaults to 0, whatever the run's
+    ``seed``: changing the run's seed changes batch order, augmentation and noise, not the
+    split."""
     from ..data import DATA_KEYS
 
     spec = dict(mapping(raw, "data"))
+    if "class_path" in spec:
+        return _check_class_path(spec, "data", ("class_path", "init_args"))
     if "name" not in spec:
         raise err("data.name", f"missing required key 'data.name' (one of "
                                 f"{', '.join(DATA_KEYS)})")
@@ -148,7 +174,23 @@ def check_data(raw: object, seed: int) -> dict:
         check = _DATA_CHECKS.get(key)
         if check is not None:
             spec[key] = check(value, f"data.{key}")
-    spec.setdefault("seed", seed)
+    spec.setdefault("seed", 0)
+    return spec
+
+
+def _check_class_path(spec: dict, section: str, allowed: tuple[str, ...]) -> dict:
+    """A ``{class_path, init_args}`` section (LightningCLI's form); the class is not imported
+    here (``qtrainer validate`` and the runner do that)."""
+    for key in spec:
+        if key not in allowed:
+            raise unknown(key, allowed, section)
+    if not isinstance(spec["class_path"], str) or "." not in spec["class_path"]:
+        raise err(f"{section}.class_path", f"{section}.class_path: expected "
+                                            f"'package.module.Class', got {show(spec['class_path'])}")
+    init_args = spec.get("init_args")
+    if init_args is not None and not isinstance(init_args, Mapping):
+        raise err(f"{section}.init_args", f"{section}.init_args: expected a mapping, got "
+                                           f"{show(init_args)}")
     return spec
 
 def check_export(raw: object) -> list[str]:
