@@ -59,10 +59,11 @@ def _fail(code: int, message: str, exc: BaseException | None = None) -> None:
 
 
 def _command_line_argument(key_path: str) -> str | None:
-    """The ``KEY=VALUE`` argument that set ``key_path`` (or a section above it), if any."""
+    """The ``KEY=VALUE`` argument that set ``key_path``, or a mapping or list above it, if
+    any (``recipe=my.yaml`` only names a file: that file is the source of what is in it)."""
     key = key_path.replace("[", ".").replace("]", "")
-    for name, argument in _STATE["arguments"].items():
-        if key == name or key.startswith(name + "."):
+    for name, (argument, value) in _STATE["arguments"].items():
+        if key == name or (key.startswith(name + ".") and isinstance(value, (dict, list))):
             return argument
     return None
 
@@ -131,8 +132,10 @@ def _overrides(items: Optional[List[str]]) -> dict:
     argument rather than the file the key would otherwise come from."""
     from .recipes import parse_overrides
 
-    _STATE["arguments"] = {item.partition("=")[0].strip(): item for item in items or []}
-    return parse_overrides(items or [])
+    parsed = parse_overrides(items or [])
+    raw = {item.partition("=")[0].strip(): item for item in items or []}
+    _STATE["arguments"] = {k: (raw.get(k, f"{k}=..."), v) for k, v in parsed.items()}
+    return parsed
 
 
 def _read(path: str) -> dict:

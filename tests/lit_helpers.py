@@ -65,3 +65,24 @@ def loaders(train: TensorDataset, val: TensorDataset, batch_size: int = 128):
     sampler = DistributedSampler(train, num_replicas=1, rank=0, shuffle=True, seed=0)
     return (DataLoader(train, batch_size=batch_size, sampler=sampler),
             DataLoader(val, batch_size=500))
+
+
+class DigitsDataModule(pl.LightningDataModule):
+    """A user's LightningDataModule (no validation split): scikit-learn's digits, 8x8 gray."""
+
+    num_classes = 10
+
+    def __init__(self, batch_size: int = 64):
+        super().__init__()
+        self.batch_size = batch_size
+
+    def setup(self, stage: str) -> None:
+        from qtrainer.data import load_digits_split
+
+        self.train, self.test = load_digits_split(seed=0)
+
+    def train_dataloader(self):
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True)
+
+    def test_dataloader(self):
+        return DataLoader(self.test, batch_size=self.batch_size)

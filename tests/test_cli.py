@@ -6,7 +6,7 @@ point."""
 
 import json
 import signal
-import subprocess
+import warnings
 import sys
 from pathlib import Path
 
@@ -54,10 +54,14 @@ def tiny_run_file(folder: Path, fp_checkpoint: Path, recipe="nipq-4bit", **extra
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
-    """``qtrainer run recipes/quickstart.yaml`` as shipped (only the output folder moved)."""
+    """``qtrainer run quickstart`` as shipped (the packaged run file that recipes/quickstart.yaml
+    links to, run by name; only the output folder moved)."""
     out = tmp_path_factory.mktemp("quickstart") / "run"
     threads, handler = torch.get_num_threads(), signal.getsignal(signal.SIGINT)
-    result = invoke("run", QUICKSTART, "--output-dir", out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = invoke("run", "quickstart", "--output-dir", out)
+    result.caught = [str(w.message) for w in caught]
     torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, handler)
     return result, out
@@ -104,6 +108,31 @@ def test_quickstart_runs_offline_with_good_quantized_accuracy(quickstart):
 
 
 @pytest.mark.slow
+def test_quickstart_delivers_everything_it_promises(quickstart):
+    """A default install: every export and plot written, no line saying something failed or
+    was skipped; outside a terminal one line per epoch with the QAT figures; no Lightning
+    warning about a validation step without data."""
+    result, out = quickstart
+    assert result.exit_code == 0, result.output
+    said = result.output.lower()
+    assert not [line for line in said.splitlines() if "failed" in line or "skipped" in line
+                or "no plots" in line], result.output
+    for job in (out, out / "compare" / "quickstart-nipq-mp-4bit"):
+        s = json.loads((job / "summary.json").read_text())
+        assert {Path(p).name for p in s["plots"]} >= {"curves.png", "layers.png"}
+        assert all(Path(p).stat().st_size > 1000 for p in s["plots"])
+        assert s["exports"]["onnx"]["file_bytes"] == Path(s["exports"]["onnx"]["path"]).stat().st_size
+    epochs = [line for line in result.output.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 15 + 5 + 8, epochs  # FP, LSQ, NIPQ: one line each
+    assert epochs[0].startswith("epoch 1/15  loss ") and "phase fp" in epochs[0]
+    assert "val_acc" in epochs[14] and "bits" not in epochs[14]
+    lsq, nipq = epochs[15:20], epochs[20:]
+    assert all("bits W " in e and " A " in e and "phase qat" in e for e in lsq)
+    assert [e.split("phase ")[1].split()[0] for e in nipq] == ["noise"] * 6 + ["hard"] * 2
+    assert not [w for w in result.caught if "val_dataloader" in w], result.caught
+
+
+@pytest.mark.slow
 def test_eval_export_report_on_the_quickstart_folder(quickstart, tmp_path, monkeypatch):
     from qtrainer import report
 
@@ -137,6 +166,11 @@ def test_eval_export_report_on_the_quickstart_folder(quickstart, tmp_path, monke
         report.PlotsUnavailable(report.PLOTS_HINT)))
     r = invoke("report", out)
     assert r.exit_code == 0 and "pip install matplotlib" in r.output
+    with monkeypatch.context() as m:  # an install without onnx: bad input with the hint
+        m.setitem(sys.modules, "onnx", None)
+        r = invoke("export", out / "checkpoints" / "last.ckpt", "--format", "onnx", "-o",
+                   tmp_path / "m.onnx")
+    assert r.exit_code == 2 and "pip install onnx" in r.output, r.output
 
     # the folder holds a run: starting again needs --resume (or --overwrite)
     r = invoke("run", QUICKSTART, "--output-dir", out)
@@ -169,8 +203,10 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, fp_checkp
     assert r.exit_code == 1
     assert "--resume" in r.output and "Traceback" not in r.output
     out_b = tmp_path / "b" / "out"
-    assert torch.load(out_b / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
+    interrupted = torch.load(out_b / "checkpoints" / "last.ckpt", weights_only=False)
+    assert interrupted["epoch"] == 1
     assert not (out_b / "summary.json").exists()
+    first_attempt_s = interrupted["callbacks"]["WallClock"]["seconds"]
 
     monkeypatch.setattr(runner_mod, "EXTRA_CALLBACKS", [])
     r = invoke("run", broken, *overrides)  # without --resume: refused
@@ -178,6 +214,9 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, fp_checkp
     r = invoke("run", broken, *overrides, "--resume")
     assert r.exit_code == 0, r.output
     assert "resuming from" in r.output
+    # the wall time counts the first attempt's epochs too, not only the resumed one
+    resumed_s = json.loads((out_b / "summary.json").read_text())["wall_time_s"]
+    assert first_attempt_s > 0 and resumed_s > first_attempt_s
 
     a = json.loads((tmp_path / "a" / "out" / "summary.json").read_text())
     b = json.loads((out_b / "summary.json").read_text())
@@ -201,6 +240,26 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, fp_checkp
     # a changed configuration cannot resume this run
     r = invoke("run", broken, "recipe.bits.weight=2", "--resume")
     assert r.exit_code == 2 and "different configuration" in r.output
+
+
+def test_own_datamodule_without_validation_runs_without_lightning_warnings(tmp_path,
+                                                                          fp_checkpoint):
+    """data.class_path names a LightningDataModule (LightningCLI's form); a run without
+    validation data trains without Lightning's 'validation_step but no val_dataloader'."""
+    run = write_run_file(
+        tmp_path, seed=0, num_threads=1, recipe="lsq-4bit", output_dir=str(tmp_path / "out"),
+        model={"name": "small_cnn", "width": 8, "checkpoint": str(fp_checkpoint)},
+        data={"class_path": "lit_helpers.DigitsDataModule", "init_args": {"batch_size": 128}},
+        trainer={"max_epochs": 1, "limit_train_batches": 3}, export=[])
+    assert invoke("validate", run).exit_code == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = invoke("run", run)
+    assert r.exit_code == 0, r.output
+    assert not [w for w in caught if "val_dataloader" in str(w.message)], [str(w.message) for w in caught]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["quantized_acc"] > 0.5 and summary["fp_acc"] > 0.8, summary
+    assert [line for line in r.output.splitlines() if line.startswith("epoch 1/1")]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -257,7 +316,9 @@ def test_recipes_table_show_and_copy(tmp_path):
     lines = r.output.splitlines()
     assert lines[0].split()[:4] == ["name", "method", "bits", "W/A"]
     row = next(line for line in lines if line.startswith("nipq-mp-4bit "))
-    assert row.split()[1:4] == ["nipq", "8/8", "builtin"]
+    assert row.split()[1:6] == ["nipq", "learned,", "avg", "4", "bits"]  # not its initial 8/8
+    row = next(line for line in lines if line.startswith("lsq-3bit "))
+    assert row.split()[1:4] == ["lsq", "3/3", "builtin"]
 
     r = invoke("show", "lsq-4bit")
     assert r.exit_code == 0
@@ -265,7 +326,7 @@ def test_recipes_table_show_and_copy(tmp_path):
     assert shown.content_hash() == load_recipe("lsq-4bit").content_hash()
     r = invoke("show", "nipq-mp-4bit", "mixed_precision.value=3")
     assert yaml.safe_load(r.output)["mixed_precision"]["value"] == 3.0
-    r = invoke("show", QUICKSTART, "trainer.max_epochs=2")
+    r = invoke("show", QUICKSTART, "trainer.max_epochs=2")  # (recipes/ links to the shipped file)
     shown = yaml.safe_load(r.output)
     assert shown["recipe"]["phases"]["epochs"] == 2 and shown["recipe"]["name"] == "quickstart-lsq-4bit"
     r = invoke("show", "lsq-5bit")
@@ -274,9 +335,79 @@ def test_recipes_table_show_and_copy(tmp_path):
     target = tmp_path / "my-lsq.yaml"
     r = invoke("recipes", "copy", "lsq-4bit", target)
     assert r.exit_code == 0 and target.is_file()
-    assert load_recipe(target).content_hash() == load_recipe("lsq-4bit").content_hash()
+    copy, original = load_recipe(target).to_dict(), load_recipe("lsq-4bit").to_dict()
+    assert copy.pop("name") == "my-lsq" and original.pop("name") == "lsq-4bit"
+    assert copy == original  # renamed after the file, otherwise the same recipe
     assert invoke("recipes", "copy", "lsq-4bit", target).exit_code == 2
     assert invoke("recipes", "copy", "lsq-4bit", target, "--force").exit_code == 0
+    r = invoke("recipes", "copy", "lsq-4bit", tmp_path / "x.yaml", "--name", "lsq-4bit")
+    assert r.exit_code == 2 and "exists already" in r.output
+    assert invoke("recipes", "copy", "lsq-4bit", tmp_path / "lsq-4bit.yaml").exit_code == 2
+
+
+def test_a_copy_in_the_recipe_path_lists_without_a_clash(tmp_path, monkeypatch):
+    folder = tmp_path / "recipes"
+    assert invoke("recipes", "copy", "lsq-4bit", folder / "my-lsq.yaml").exit_code == 0
+    monkeypatch.setenv("QTRAINER_RECIPE_PATH", str(folder))
+    r = invoke("recipes")
+    assert r.exit_code == 0 and f"path:{folder}" in r.output, r.output
+    # a file that does clash is named in the error, whichever recipe was being loaded
+    text = (folder / "my-lsq.yaml").read_text().replace("name: my-lsq", "name: lsq-4bit")
+    (folder / "clash.yaml").write_text(text)
+    r = invoke("recipes")
+    assert r.exit_code == 2 and r.output.startswith(f"error: {folder / 'clash.yaml'}: "), r.output
+
+
+def test_errors_name_the_source_of_the_bad_value(tmp_path):
+    bad_recipe = tmp_path / "bad-recipe.yaml"
+    bad_recipe.write_text("name: bad\nextends: lsq-4bit\nbits: {weight: 99}\n")
+    run = write_run_file(tmp_path, recipe="lsq-4bit", model={"name": "small_cnn"},
+                         data={"name": "digits"})
+    r = invoke("validate", run, "recipe.bits.weight=99")
+    assert r.exit_code == 2
+    assert r.output.startswith("error: command line argument 'recipe.bits.weight=99': "), r.output
+    r = invoke("show", "lsq-4bit", "bits.weight=99")  # not the built-in's file
+    assert r.output.startswith("error: command line argument 'bits.weight=99': "), r.output
+    r = invoke("validate", run, f"recipe={bad_recipe}")
+    assert r.exit_code == 2 and str(bad_recipe) in r.output and "command line" not in r.output
+    bad_run = write_run_file(tmp_path / "b", recipe="lsq-4bit", model={"name": "small_cnn"},
+                             data={"name": "digits", "batch_size": 0})
+    r = invoke("validate", bad_run, "recipe.bits.weight=3")
+    assert r.output.startswith(f"error: {bad_run}: data.batch_size: 0"), r.output
+
+
+def test_validate_checks_layer_patterns_and_class_paths(tmp_path):
+    run = write_run_file(tmp_path, recipe="lsq-4bit", model={"name": "small_cnn"},
+                         data={"name": "digits"})
+    r = invoke("validate", run)
+    assert r.exit_code == 0 and "layer patterns checked against the model (4" in r.output
+    r = invoke("validate", run, 'recipe.overrides={"model.features.9": {skip: true}}')
+    assert r.exit_code == 2 and "[key: recipe.overrides.model.features.9]" in r.output
+    assert "close layer names: model.features." in r.output
+    r = invoke("validate", run, "recipe.exclude=[fc]")  # the prefix rule, spelled out
+    assert r.exit_code == 2 and "write 'model.fc'" in r.output, r.output
+    assert invoke("validate", run, "recipe.exclude=[model.fc]").exit_code == 0
+    r = invoke("validate", run, "model.class_path=qtrainer.models.SmallCNN")  # replaces name
+    assert r.exit_code == 0, r.output
+    r = invoke("validate", run, "model.class_path=qtrainer.models.NoSuchNet")
+    assert r.exit_code == 2 and "has no attribute 'NoSuchNet'" in r.output
+    r = invoke("validate", run, "data.class_path=no_such_pkg.DataModule")
+    assert r.exit_code == 2 and "cannot import module 'no_such_pkg'" in r.output
+    r = invoke("validate", "quickstart")  # a shipped run file, by name
+    assert r.exit_code == 0 and "runfiles/quickstart.yaml" in r.output
+
+
+def test_help_and_version_import_neither_torch_nor_lightning():
+    probe = ("import sys\nfrom qtrainer.cli import app\n"
+             "for args in (['--help'], ['--version'], ['run', '--help']):\n"
+             "    try:\n        app(args, prog_name='qtrainer')\n    except SystemExit:\n        pass\n"
+             "heavy = ('torch', 'lightning', 'torchvision', 'numpy', 'matplotlib', 'onnx')\n"
+             "print('IMPORTED', [m for m in heavy if m in sys.modules])\n")
+    proc = procs.run([sys.executable, "-c", probe], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "IMPORTED []" in proc.stdout, proc.stdout[-2000:]
+    assert "Usage: qtrainer" in proc.stdout
+    assert "qtrainer 0.1.0 (torch " in proc.stdout
 
 
 def test_help_on_every_command_has_examples():

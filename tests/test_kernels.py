@@ -87,7 +87,7 @@ def _lsq_case(bits, signed, per_channel, dtype=torch.float32, channels_last=Fals
 
 
 def _lsq_grad_s_fp64(q, x, w):
-    """Closed form of ALGORITHMS.md 1 for d/ds, summed in fp64 (per channel when needed)."""
+    """Closed form of docs/algorithms.md 1 for d/ds, summed in fp64 (per channel when needed)."""
     q_n, q_p = q.levels
     s = q._step_view(x.float()).detach()
     r = x.float() / s

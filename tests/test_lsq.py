@@ -1,5 +1,5 @@
 """LSQ forward values, the three gradient branches for v and s (with g), and the init formula,
-against the closed forms of ALGORITHMS.md section 1."""
+against the closed forms of docs/algorithms.md section 1."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""NIPQ (ALGORITHMS.md section 2): noise-phase output and gradients for alpha and the bit-width,
+"""NIPQ (docs/algorithms.md section 2): noise-phase output and gradients for alpha and the bit-width,
 histogram noise, hard quantization on the grid, stochastic rounding of the bit-width."""
 
 import math

@@ -1,4 +1,4 @@
-"""Noise tempering (ALGORITHMS.md section 3): lambda = 0 is LSQ exactly, the noise is
+"""Noise tempering (docs/algorithms.md section 3): lambda = 0 is LSQ exactly, the noise is
 error-aware and its gradient reaches s as stated, and the decay schedule's values."""
 
 import math

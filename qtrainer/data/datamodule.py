@@ -37,10 +37,14 @@ def import_class(class_path: str, key: str = "data.class_path"):
 
 
 def _loader(dm, stage: str):
-    try:
-        return getattr(dm, f"{stage}_dataloader")()
-    except NotImplementedError:  # LightningDataModule's default: no such split
+    """The module's ``<stage>_dataloader()``, or None when it does not define one (Lightning's
+    default raises)."""
+    import lightning.pytorch as pl
+
+    name = f"{stage}_dataloader"
+    if getattr(type(dm), name) is getattr(pl.LightningDataModule, name):
         return None
+    return getattr(dm, name)()
 
 
 def datamodule_bundle(spec: dict, batch_size: int = 128) -> DataBundle:

@@ -13,7 +13,7 @@ from .fields import BITS, checked_field, expect_mapping, parse_section
 
 @dataclass(frozen=True, kw_only=True)
 class LSQMethod:
-    """LSQ, Esser et al. 2020 (ALGORITHMS.md section 1).
+    """LSQ, Esser et al. 2020 (docs/algorithms.md section 1).
 
     Attributes:
         grad_scale: factor on the step size's gradient. ``numel``: ``1/sqrt(N*Q_P)`` with ``N``
@@ -39,7 +39,7 @@ class LSQMethod:
 
 @dataclass(frozen=True, kw_only=True)
 class TemperingMethod:
-    """Noise tempering, Wang et al. 2022 (ALGORITHMS.md section 3): LSQ plus decaying noise.
+    """Noise tempering, Wang et al. 2022 (docs/algorithms.md section 3): LSQ plus decaying noise.
 
     Attributes:
         grad_scale, per_channel, init: as in :class:`LSQMethod`.
@@ -68,7 +68,7 @@ class TemperingMethod:
 
 @dataclass(frozen=True, kw_only=True)
 class NIPQMethod:
-    """NIPQ, Shin et al. 2023 (ALGORITHMS.md section 2).
+    """NIPQ, Shin et al. 2023 (docs/algorithms.md section 2).
 
     Attributes:
         noise: distribution of the pseudo-quantization noise. ``histogram``: drawn from the
