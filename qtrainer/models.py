@@ -9,7 +9,6 @@ from a local checkpoint (:func:`load_checkpoint_weights`).
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 import math
 import os
@@ -21,6 +20,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .class_path import import_class
 
 
 class ShortcutA(nn.Module):
@@ -178,20 +179,7 @@ def _accepts(factory: Callable, name: str) -> bool:
 
 
 def _import(class_path: str) -> Callable[..., nn.Module]:
-    module_name, _, attr = str(class_path).rpartition(".")
-    if not module_name:
-        raise ValueError(f"model.class_path={class_path!r} must be 'package.module.ClassName'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(
-            f"model.class_path={class_path!r}: cannot import module {module_name!r} ({e})"
-        ) from None
-    if not hasattr(module, attr):
-        raise ValueError(
-            f"model.class_path={class_path!r}: module {module_name!r} has no attribute {attr!r}"
-        )
-    return getattr(module, attr)
+    return import_class(class_path, "model.class_path")
 
 
 def build_model(

@@ -194,20 +194,24 @@ float32 implementations to round it differently: their sums of products differ b
 far below 1/100 of a step."""
 
 
-def _codes_of(model, x):
-    """The integer input codes of every quantized layer of ``model`` on ``x`` (execution
-    order) and its logits."""
-    layers = [layer for _, layer in quantized_layers(model)]
-    seen: list[torch.Tensor] = []
-    hooks = [layer.register_forward_pre_hook(
-        lambda layer, args: seen.append(layer.input_quantizer.int_codes(args[0])[0].long()))
-        for layer in layers]
+def _run_hooked(model, x, pre_hook):
+    """``model(x)`` without gradients, ``pre_hook`` a forward pre-hook on every quantized
+    layer for that call."""
+    hooks = [layer.register_forward_pre_hook(pre_hook) for _, layer in quantized_layers(model)]
     try:
         with torch.no_grad():
-            out = model(x)
+            return model(x)
     finally:
         for h in hooks:
             h.remove()
+
+
+def _codes_of(model, x):
+    """The integer input codes of every quantized layer of ``model`` on ``x`` (execution
+    order) and its logits."""
+    seen: list[torch.Tensor] = []
+    out = _run_hooked(model, x, lambda layer, args: seen.append(
+        layer.input_quantizer.int_codes(args[0])[0].long()))
     return out, seen
 
 
@@ -244,13 +248,7 @@ def _assert_same_up_to_ties(model, x, logits, codes, label=""):
         last.update(x=fed)
         return (fed, *args[1:])
 
-    hooks = [layer.register_forward_pre_hook(feed) for layer in layers]
-    try:
-        with torch.no_grad():
-            ref = model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    ref = _run_hooked(model, x, feed)
     fc = layers[-1]
     assert isinstance(fc, nn.Linear), "the bound below is for a final linear layer"
     with torch.no_grad():

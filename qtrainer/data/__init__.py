@@ -17,7 +17,7 @@ in accelerator memory).
 
 from .build import DATA_KEYS, build_data
 from .bundle import DataBundle
-from .datamodule import datamodule_bundle, import_class
+from .datamodule import datamodule_bundle
 from .digits import DIGITS_MEAN, DIGITS_STD, load_digits_split
 from .folders import IMAGENET_MEAN, IMAGENET_STD, ImageFileDataset
 from .images import DeviceLoader, ImageArrayDataset
@@ -28,6 +28,6 @@ from .splits import channel_stats, stratified_indices, stratified_split
 __all__ = [
     "DATA_KEYS", "DIGITS_MEAN", "DIGITS_STD", "DataBundle", "DeviceLoader", "IMAGENET_MEAN",
     "IMAGENET_STD", "ImageArrayDataset", "ImageFileDataset", "build_data", "channel_stats",
-    "data_shape", "datamodule_bundle", "default_cifar10_jpeg_root", "import_class",
+    "data_shape", "datamodule_bundle", "default_cifar10_jpeg_root",
     "load_digits_split", "load_npz_jpeg", "stratified_indices", "stratified_split",
 ]

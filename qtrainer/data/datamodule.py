@@ -15,26 +15,8 @@ shape comes from the first test batch.
 
 from __future__ import annotations
 
-import importlib
-
+from ..class_path import import_class
 from .bundle import DataBundle
-
-KEYS = ("class_path", "init_args")
-
-
-def import_class(class_path: str, key: str = "data.class_path"):
-    """The object ``package.module.Name`` names; ValueError naming ``key`` when it is missing."""
-    module_name, _, attr = str(class_path).rpartition(".")
-    if not module_name:
-        raise ValueError(f"{key}={class_path!r} must be 'package.module.ClassName'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"{key}={class_path!r}: cannot import module {module_name!r} ({e})") from None
-    if not hasattr(module, attr):
-        raise ValueError(f"{key}={class_path!r}: module {module_name!r} has no attribute {attr!r}")
-    return getattr(module, attr)
-
 
 def _loader(dm, stage: str):
     """The module's ``<stage>_dataloader()``, or None when it does not define one (Lightning's
@@ -51,7 +33,7 @@ def datamodule_bundle(spec: dict, batch_size: int = 128) -> DataBundle:
     """The :class:`DataBundle` of a ``data: {class_path, init_args}`` section."""
     import lightning.pytorch as pl
 
-    cls = import_class(spec["class_path"])
+    cls = import_class(spec["class_path"], "data.class_path")
     if not (isinstance(cls, type) and issubclass(cls, pl.LightningDataModule)):
         raise ValueError(f"data.class_path={spec['class_path']!r} is not a LightningDataModule")
     try:
@@ -80,4 +62,4 @@ def datamodule_bundle(spec: dict, batch_size: int = 128) -> DataBundle:
                       batch_size=int(getattr(dm, "batch_size", batch_size) or batch_size))
 
 
-__all__ = ["KEYS", "datamodule_bundle", "import_class"]
+__all__ = ["datamodule_bundle"]

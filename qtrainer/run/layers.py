@@ -66,7 +66,8 @@ def check_without_data(cfg) -> str:
     is known from the section alone (:func:`qtrainer.data.data_shape`), the model builds and
     every layer pattern matches a layer. Returns a note on what was checked; raises
     :class:`RunFileError` naming the key."""
-    from ..data import data_shape, import_class
+    from ..class_path import import_class
+    from ..data import data_shape
     from ..models import build_model
 
     for section in ("model", "data"):
