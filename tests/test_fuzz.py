@@ -688,7 +688,8 @@ def r_valid(draw, raw, cfg):
     if what == "seed":
         v = draw(st.integers(0, 2 ** 32 - 1))
         raw["seed"] = v
-        return "valid", None, f"seed = {v}", lambda c: c.seed == v and c.data["seed"] == v
+        split = raw["data"].get("seed", 0)  # data.seed (the split) does not follow seed
+        return "valid", None, f"seed = {v}", lambda c: c.seed == v and c.data["seed"] == split
     if what == "trainer":
         key, v = draw(st.sampled_from([("devices", 1), ("devices", 2), ("devices", "auto"),
                                        ("devices", [0]), ("strategy", "ddp"),

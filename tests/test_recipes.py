@@ -595,7 +595,8 @@ def test_surgery_accepts_every_builtins_kwargs(name):
 def test_list_recipes_reports_builtins():
     infos = {i.name: i for i in list_recipes()}
     assert infos["nipq-mp-4bit"] == RecipeInfo("nipq-mp-4bit", "nipq", 8, 8, get_recipe("nipq-mp-4bit").description,
-                                               "builtin")
+                                               "builtin", "avg 4 bits")
+    assert infos["lsq-4bit"].target == ""  # fixed bits: no mixed-precision target
     assert {i.source for i in infos.values()} == {"builtin"}
 
 
