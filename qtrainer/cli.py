@@ -296,13 +296,16 @@ def show(
     Examples:
       qtrainer show lsq-4bit
       qtrainer show nipq-mp-4bit mixed_precision.value=3
-      qtrainer show recipes/quickstart.yaml trainer.max_epochs=2
+      qtrainer show quickstart trainer.max_epochs=2     # a shipped run file
     """
     from .recipes import load_recipe
     from .recipes.io import is_path_reference
-    from .run import is_run_file, load_run_file
+    from .run import is_run_file, load_run_file, packaged_run_files
 
     items = _overrides(overrides)
+    shipped = packaged_run_files()
+    if not (is_path_reference(ref) or Path(ref).is_file()) and ref in shipped:
+        ref = str(shipped[ref])  # a shipped run file by name
     if is_path_reference(ref) or Path(ref).is_file():
         raw = _read(ref)
         if is_run_file(raw):

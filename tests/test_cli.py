@@ -395,6 +395,8 @@ def test_validate_checks_layer_patterns_and_class_paths(tmp_path):
     assert r.exit_code == 2 and "cannot import module 'no_such_pkg'" in r.output
     r = invoke("validate", "quickstart")  # a shipped run file, by name
     assert r.exit_code == 0 and "runfiles/quickstart.yaml" in r.output
+    r = invoke("show", "quickstart", "trainer.max_epochs=2")
+    assert r.exit_code == 0 and yaml.safe_load(r.output)["recipe"]["phases"]["epochs"] == 2
 
 
 def test_help_and_version_import_neither_torch_nor_lightning():
