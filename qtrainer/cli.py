@@ -10,19 +10,17 @@ import neither torch nor Lightning.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from .cli_errors import EXIT_BAD_INPUT, EXIT_FAILURE, STATE, BadInput, fail, handle_errors
+from .cli_errors import overrides as _overrides
 from .recipes import RecipeError
-
-EXIT_BAD_INPUT, EXIT_FAILURE = 2, 1
 
 app = typer.Typer(
     name="qtrainer", add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -44,62 +42,6 @@ recipes_app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]})
 app.add_typer(recipes_app, name="recipes")
 
-_STATE: dict = {"debug": False, "arguments": {}}
-
-
-class BadInput(Exception):
-    """A user error outside the run-file schema (e.g. a missing file)."""
-
-
-def _fail(code: int, message: str, exc: BaseException | None = None) -> None:
-    if exc is not None and _STATE["debug"]:
-        traceback.print_exception(exc)
-    typer.echo(message, err=True)
-    raise typer.Exit(code)
-
-
-def _command_line_argument(key_path: str) -> str | None:
-    """The ``KEY=VALUE`` argument that set ``key_path``, or a mapping or list above it, if
-    any (``recipe=my.yaml`` only names a file: that file is the source of what is in it)."""
-    key = key_path.replace("[", ".").replace("]", "")
-    for name, (argument, value) in _STATE["arguments"].items():
-        if key == name or (key.startswith(name + ".") and isinstance(value, (dict, list))):
-            return argument
-    return None
-
-
-def _describe(err: RecipeError) -> str:
-    argument = _command_line_argument(err.key_path)
-    if argument is not None:
-        where = f"command line argument {argument!r}: "
-    else:
-        where = f"{err.source}: " if err.source else ""
-    key = "" if err.key_path in ("<root>",) else f" [key: {err.key_path}]"
-    return f"error: {where}{err.detail}{key}"
-
-
-def handle_errors(fn):
-    """Map exceptions to exit codes: bad input 2, anything else 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except RecipeError as e:
-            _fail(EXIT_BAD_INPUT, _describe(e), e)
-        except (BadInput, FileNotFoundError, IsADirectoryError) as e:
-            _fail(EXIT_BAD_INPUT, f"error: {e}", e)
-        except KeyboardInterrupt as e:
-            _fail(EXIT_FAILURE, "interrupted", e)
-        except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
-            hint = "" if _STATE["debug"] else " (run with --debug for the traceback)"
-            _fail(EXIT_FAILURE, f"failed: {type(e).__name__}: {e}{hint}", e)
-
-    return wrapper
-
-
 def _version(value: bool) -> None:
     if value:
         from . import __version__
@@ -117,25 +59,14 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on e
                                       help="Print the versions of qtrainer, torch, Lightning "
                                            "and Python, and exit.")):
     """qtrainer: quantization-aware training with recipes."""
-    _STATE["debug"] = debug
+    STATE.update(debug=debug, arguments={})
 
 
 def _lightning_logs() -> None:
-    if not _STATE["debug"]:
+    if not STATE["debug"]:
         from .lightning_setup import quiet_lightning
 
         quiet_lightning()
-
-
-def _overrides(items: Optional[List[str]]) -> dict:
-    """Parsed ``KEY=VALUE`` arguments; remembered so that errors about those keys name the
-    argument rather than the file the key would otherwise come from."""
-    from .recipes import parse_overrides
-
-    parsed = parse_overrides(items or [])
-    raw = {item.partition("=")[0].strip(): item for item in items or []}
-    _STATE["arguments"] = {k: (raw.get(k, f"{k}=..."), v) for k, v in parsed.items()}
-    return parsed
 
 
 def _read(path: str) -> dict:
@@ -196,7 +127,7 @@ def run(
                    allow_recipe_change=allow_recipe_change, echo=typer.echo)
     except SystemExit as e:  # Lightning turns Ctrl-C into sys.exit(1) after saving state
         args = " ".join([file, *(overrides or [])])
-        _fail(EXIT_FAILURE, f"interrupted; continue with: qtrainer run {args} --resume "
+        fail(EXIT_FAILURE, f"interrupted; continue with: qtrainer run {args} --resume "
                             f"(output in {cfg.output_dir})", e)
 
 
