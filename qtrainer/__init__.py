@@ -14,8 +14,9 @@ import importlib
 from .nn import QuantConv1d, QuantConv2d, QuantizedLayer, QuantLinear, named_quantizers
 from .quantizers import LSQQuantizer, NIPQQuantizer, Quantizer, TemperingQuantizer, make_quantizer
 from .recipes import Recipe, RecipeError, get_recipe, list_recipes, load_recipe, register_recipe
-from .surgery import (LayerReport, fp_state_dict, initialize_quantizers, quantize_model,
-                      set_quantizers)
+from .prepare import load_quantized, prepare
+from .surgery import (LayerReport, fp_state_dict, initialize_quantizers, quantize_from_plan,
+                      quantize_model, set_quantizers)
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,6 @@ __all__ = [
     "LSQQuantizer", "LayerReport", "NIPQQuantizer", "QTrainer", "QuantConv1d", "QuantConv2d", "QuantLinear",
     "QuantizationCallback", "QuantizationFault", "Quantizer", "QuantizedLayer", "Recipe", "RecipeError",
     "TemperingQuantizer", "__version__", "fp_state_dict", "get_recipe", "initialize_quantizers",
-    "list_recipes", "load_recipe", "make_quantizer", "named_quantizers", "quantize_model",
-    "register_recipe", "set_quantizers",
+    "list_recipes", "load_quantized", "load_recipe", "make_quantizer", "named_quantizers",
+    "prepare", "quantize_from_plan", "quantize_model", "register_recipe", "set_quantizers",
 ]

@@ -151,6 +151,33 @@ class IntOr:
 
 
 @dataclass(frozen=True)
+class NumberOr:
+    """A number checked by ``number``, or one of the strings ``words``."""
+
+    number: Float
+    words: tuple[str, ...]
+
+    @property
+    def allowed(self) -> str:
+        return f"{self.number.allowed}, or " + " or ".join(f"'{w}'" for w in self.words)
+
+    def __call__(self, value: object, path: str) -> float | str:
+        if isinstance(value, str):
+            if value in self.words:
+                return value
+            hint = did_you_mean(value, self.words)
+            raise RecipeError(path, f"{path}: invalid value {show(value)}; allowed: {self.allowed}{hint}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _bad_type(path, value, self.allowed)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecipeError(path, f"{path}: {show(value)} is not finite; allowed: {self.allowed}")
+        try:
+            return self.number(value, path)
+        except RecipeError:
+            raise _out_of_range(path, value, self.allowed) from None
+
+
+@dataclass(frozen=True)
 class Nullable:
     """``null`` or a value accepted by ``inner``."""
 
