@@ -43,7 +43,8 @@ def fit_length(recipe: Recipe, trainer, mode: str) -> tuple[Recipe, int | None]:
     Raises:
         RecipeError: ``strict`` and the Trainer stops before ``phases.epochs``.
     """
-    trainer.estimated_stepping_batches  # noqa: B018 - sets up the training data (batch counts)
+    if trainer.train_dataloader is None:  # what estimated_stepping_batches does, max_steps or not
+        trainer.fit_loop.setup_data()
     epochs = trainer_epochs(trainer)
     per_epoch = steps_per_epoch(trainer)
     p = recipe.phases

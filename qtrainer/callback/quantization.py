@@ -147,6 +147,7 @@ class QuantizationCallback(Callback):
 
     # ------------------------------------------------------------------ setup: surgery
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn
         if stage == "fit":
             self._fitted = False  # fitted to this Trainer in on_fit_start
         if any(isinstance(m, QuantizedLayer) for m in pl_module.modules()):
