@@ -14,7 +14,7 @@ import importlib
 from .nn import QuantConv1d, QuantConv2d, QuantizedLayer, QuantLinear, named_quantizers
 from .quantizers import LSQQuantizer, NIPQQuantizer, Quantizer, TemperingQuantizer, make_quantizer
 from .recipes import Recipe, RecipeError, get_recipe, list_recipes, load_recipe, register_recipe
-from .prepare import load_quantized, prepare
+from .quantized import load_quantized, prepare
 from .surgery import (LayerReport, fp_state_dict, initialize_quantizers, quantize_from_plan,
                       quantize_model, set_quantizers)
 

@@ -36,7 +36,7 @@ from lightning.pytorch.callbacks import Callback
 from ..bn import reestimate_batchnorm
 from ..forward import ForwardError, call_args
 from ..nn import QuantizedLayer, named_quantizers
-from ..prepare import QAT_ENTRY, input_spec, quantize_as_saved
+from ..quantized import QAT_ENTRY, input_spec, quantize_as_saved
 from ..quantizers import NIPQQuantizer, TemperingQuantizer, check_choice
 from ..recipes import Recipe, RecipeError, describe_length, load_recipe
 from ..recipes.sections import FIT_MODES
