@@ -48,6 +48,10 @@ class AdamStepLR(pl.LightningModule):
         self.log("val_loss", F.cross_entropy(logits, y))
         self.log("val_acc", (logits.argmax(1) == y).float().mean())
 
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_acc", (self(x).argmax(1) == y).float().mean())
+
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
         return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)]
