@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from lightning import pytorch as pl
+from lit_helpers import LitCNN
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -25,32 +26,14 @@ class ConvNet(nn.Module):
         return self.head(self.body(x))
 
 
-class AdamStepLR(pl.LightningModule):
-    """Adam + StepLR (halves the lr every epoch); hyperparameters saved."""
+class AdamStepLR(LitCNN):
+    """Adam + StepLR (halves the lr every epoch) on a ConvNet; hyperparameters saved; the
+    training/validation/test steps of lit_helpers.LitCNN (cross-entropy, accuracy)."""
 
     def __init__(self, lr: float = 0.05, width: int = 8, in_channels: int = 3):
-        super().__init__()
+        super().__init__(width=width, lr=lr)
         self.save_hyperparameters()
         self.net = ConvNet(in_channels, width)
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", F.cross_entropy(logits, y))
-        self.log("val_acc", (logits.argmax(1) == y).float().mean())
-
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("test_acc", (self(x).argmax(1) == y).float().mean())
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .checks import Bool, BitFactors, Float, FloatPair, Int, IntOr, Nullable, NumberOr, OneOf
+from .checks import Bool, BitFactors, Float, FloatPair, Int, Nullable, NumberOr, OneOf
 from .errors import RecipeError, show
 from .fields import BITS, MAX_EPOCHS, checked_field, expect_mapping, join_path, parse_section
 
@@ -34,7 +34,7 @@ class FirstLast:
             full precision.
     """
 
-    bits: int | str = checked_field(IntOr(BITS, ("same", "fp")), 8)
+    bits: int | str = checked_field(NumberOr(BITS, ("same", "fp")), 8)
 
 
 @dataclass(frozen=True, kw_only=True)
