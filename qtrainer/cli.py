@@ -366,7 +366,8 @@ def eval_(
     Examples:
       qtrainer eval runs/quickstart/checkpoints/best.ckpt
       qtrainer eval runs/quickstart/fp.ckpt --split val --json
-      qtrainer eval lightning_logs/version_0/checkpoints/last.ckpt --model-class my_pkg.models:LitNet --init-arg width=16 --data name=npz-jpeg
+      qtrainer eval last.ckpt --model-class my_pkg.models:LitNet --data name=npz-jpeg
+      qtrainer eval last.ckpt --model-class my_pkg.models:LitNet --init-arg width=16 --run-file run.yaml
     """
     from .lightning_setup import evaluate_module
     from .run import bundle_loaders, load_checkpoint_model
@@ -465,7 +466,8 @@ def export_(
         module, bundle, quantized = load_checkpoint_model(ckpt, cfg)
         if not quantized:
             raise BadInput(f"{ckpt} is a full-precision checkpoint; export takes a QAT checkpoint")
-        model, example, default_dir = module.model, bundle.example_input, Path(cfg.output_dir) / "export"
+        model, example = module.model, bundle.example_input
+        default_dir = Path(cfg.output_dir) / "export"
         meta = {"recipe": cfg.recipe.name, "recipe_hash": cfg.recipe.content_hash()}
     path = Path(output) if output else default_dir / f"model.{ext}"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -110,7 +110,8 @@ def load_quantized(module_or_class: nn.Module | type, checkpoint_path: str | os.
     checkpoint = read_checkpoint(path)
     entry = qat_entry(checkpoint, path)
     state = checkpoint.get("state_dict", checkpoint)
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, Mapping) or \
+            not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} holds no state dict of tensors")
     if isinstance(module_or_class, type):
         module = _instantiate(module_or_class, checkpoint, init_args, init_kwargs)

@@ -245,8 +245,9 @@ def _swap(model: nn.Module, built: list[tuple[LayerReport, QuantizedLayer]]) -> 
         setattr(modules[parent_name] if parent_name else model, child, qlayer)
     changed = disable_transformer_fast_paths(model)
     if changed:
-        log.info("qtrainer: the fused fast path of %s is off: it computes with the float weights "
-                 "and would skip the quantized linear1/linear2", ", ".join(repr(n) for n in changed))
+        log.info("qtrainer: the fused fast path of %s is off: it computes with the float "
+                 "weights and would skip the quantized linear1/linear2",
+                 ", ".join(repr(n) for n in changed))
     return [r for r, _ in built]
 
 

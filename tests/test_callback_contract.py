@@ -305,3 +305,17 @@ def test_a_two_argument_forward_without_input_fn_names_the_forward_and_input_fn(
     assert "failed in TokenClassifier.forward itself: TypeError" in text and "mask" in text
     assert "the model was called with (int64[8, 12])" in text
     assert "input_fn=batch_input" in text and "a tuple: positional, a mapping: keyword" in text
+
+
+def test_a_layer_whose_weight_is_in_no_optimizer_is_named_and_its_quantizers_still_train():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 5))
+    qtrainer.prepare(model, "lsq-4bit", example_input=torch.randn(2, 3, 8, 8))
+    model[3].weight.requires_grad_(False)  # a frozen head the user leaves out of the optimizer
+    opt = torch.optim.SGD([model[0].weight, model[0].bias], lr=0.1)
+    with pytest.warns(UserWarning, match=r"layers 3: their weight is in no optimizer; their "
+                                         r"quantizer parameters join SGD \(optimizer 0\), group 0"):
+        keep_user_optimizers(get_recipe("lsq-4bit"), model, [opt], [])
+    assert {id(p) for p in group(opt, "qtrainer/quantizers/0")["params"]} == quantizer_ids(model)
+    assert opt.param_groups[0]["params"] == [model[0].weight, model[0].bias]

@@ -35,7 +35,8 @@ def param_groups(recipe: Recipe, pl_module) -> list[dict]:
             add("quantizers", wd.quantizer_params, p, lr=quantizer_lr)
             placed.add(id(p))
     for m in pl_module.modules():
-        if isinstance(m, QuantizedLayer) and m.weight_quantizer is not None and m.weight.requires_grad:
+        if isinstance(m, QuantizedLayer) and m.weight_quantizer is not None \
+                and m.weight.requires_grad:
             bits = m.qreport.weight_bits
             add(f"weights_{bits}bit", wd.effective_weight_decay(bits), m.weight)
             placed.add(id(m.weight))

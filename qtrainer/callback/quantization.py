@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import lightning.pytorch as pl
 import torch
@@ -36,17 +36,18 @@ from lightning.pytorch.callbacks import Callback
 from ..bn import reestimate_batchnorm
 from ..forward import ForwardError, call_args
 from ..nn import QuantizedLayer, named_quantizers
-from ..quantized import QAT_ENTRY, input_spec, quantize_as_saved
+from ..quantized import QAT_ENTRY, input_spec
 from ..quantizers import NIPQQuantizer, TemperingQuantizer, check_choice
 from ..recipes import Recipe, RecipeError, describe_length, load_recipe
 from ..recipes.sections import FIT_MODES
-from ..resources import resource_loss, summarize
+from ..resources import summarize
 from ..schedules import ExponentialDecay
 from ..surgery import initialize_quantizers, quantize_model
 from ..versions import package_versions
 from .batches import batch_input, peek_batch, set_loader_epoch
 from .faults import check_gradients, check_quantizers
 from .length import fit_length
+from .module_hooks import add_resource_loss, quantize_on_restore
 from .optimizers import install_lr_schedule, replace_optimizers
 from .user_optimizers import describe_optimizers, keep_user_optimizers
 
@@ -123,7 +124,7 @@ class QuantizationCallback(Callback):
         self._restored: dict | None = None  # the callback state of a checkpoint being resumed
         self._fitted = False
         self._init_checked = False
-        self._hook = None  # (module, its previous on_load_checkpoint, ours) while installed
+        self._unhook: Callable[[], None] | None = None  # removes the restore hook
 
     # ------------------------------------------------------------------ properties
     @property
@@ -154,7 +155,7 @@ class QuantizationCallback(Callback):
             self.report = [m.qreport for m in pl_module.modules() if isinstance(m, QuantizedLayer)]
             return
         if stage != "fit":
-            self._quantize_when_restored(pl_module)
+            self._unhook = quantize_on_restore(pl_module, self._set_report)
             return
         example, source = self._example(trainer, pl_module, stage)
         self._input_spec = input_spec(example) if example is not None else None
@@ -169,8 +170,9 @@ class QuantizationCallback(Callback):
         except ValueError as err:
             raise RecipeError("include", f"recipe {self.recipe.name!r} cannot quantize "
                               f"{type(pl_module).__name__}: {err}") from err
-        if self.mixed_precision and not getattr(pl_module, "_qtrainer_step_wrapped", False):
-            self._wrap_training_step(pl_module)
+        if self.mixed_precision:
+            add_resource_loss(pl_module, self.recipe.mixed_precision,
+                              lambda: self.phase == PHASE_NOISE)
 
     def _example(self, trainer, pl_module, stage) -> tuple[object, str]:
         """An example input and where it came from (for error messages)."""
@@ -194,47 +196,13 @@ class QuantizationCallback(Callback):
                           "QuantizationCallback(example_input=...) or input_fn=...", stacklevel=2)
             return None, where
 
-    def _quantize_when_restored(self, pl_module: pl.LightningModule) -> None:
-        """Quantize the module by a checkpoint's saved plan right before Lightning loads the
-        checkpoint's weights into it (``trainer.validate(model, ckpt_path=...)``)."""
-        original = pl_module.on_load_checkpoint
-
-        def on_load_checkpoint(checkpoint):
-            if isinstance(checkpoint.get(QAT_ENTRY), Mapping) and "plan" in checkpoint[QAT_ENTRY] \
-                    and not any(isinstance(m, QuantizedLayer) for m in pl_module.modules()):
-                self.report = quantize_as_saved(pl_module, checkpoint[QAT_ENTRY])
-            return original(checkpoint)
-
-        self._hook = (pl_module, vars(pl_module).get("on_load_checkpoint"), on_load_checkpoint)
-        pl_module.on_load_checkpoint = on_load_checkpoint
+    def _set_report(self, report: list) -> None:
+        self.report = report
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        if self._hook is not None:
-            module, previous, ours = self._hook
-            self._hook = None
-            if vars(module).get("on_load_checkpoint") is ours:
-                del module.on_load_checkpoint
-                if previous is not None:
-                    module.on_load_checkpoint = previous
-
-    def _wrap_training_step(self, pl_module: pl.LightningModule) -> None:
-        """Add the mixed-precision resource loss to what ``training_step`` returns."""
-        original = pl_module.training_step
-        mp = self.recipe.mixed_precision
-
-        def training_step(*args, **kwargs):
-            out = original(*args, **kwargs)
-            if out is None or self.phase != PHASE_NOISE:
-                return out
-            loss = resource_loss(pl_module, mp.target, mp.value, mp.w_scale, mp.a_scale,
-                                 mp.bops_scale).squeeze()
-            pl_module.log("qat/resource_loss", loss.detach(), on_step=True, on_epoch=True)
-            if isinstance(out, Mapping):
-                return {**out, "loss": out["loss"] + loss}
-            return out + loss
-
-        pl_module.training_step = training_step
-        pl_module._qtrainer_step_wrapped = True
+        if self._unhook is not None:
+            self._unhook()
+            self._unhook = None
 
     # ------------------------------------------------------------------ fit start
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -68,7 +68,8 @@ def import_class(path: str, option: str = "--model-class") -> type:
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:
-        raise RunFileError(option, f"{option} {path!r}: cannot import {module_name!r} ({e})") from None
+        raise RunFileError(option, f"{option} {path!r}: cannot import {module_name!r} "
+                                   f"({e})") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise RunFileError(option, f"{option} {path!r}: {module_name!r} has no {attr!r}")
