@@ -149,3 +149,23 @@ def test_resuming_with_another_trainer_length_is_another_recipe(images, tmp_path
                    enable_progress_bar=False, enable_checkpointing=False).fit(
             AdamStepLR(), DeviceLoader(*images, 32, MEAN, STD, train=True),
             ckpt_path=tmp_path / "last.ckpt")
+
+
+def test_resuming_into_layers_quantized_otherwise_is_refused(images, tmp_path):
+    """The same recipe traced on an all-positive example input makes the first layer's input
+    unsigned; resuming that checkpoint with a signed trace would load the step sizes silently."""
+    x = DeviceLoader(*images, 32, MEAN, STD, train=True).example_batch(8)[0]
+
+    def fit(example, ckpt=None, max_epochs=1):
+        save = ModelCheckpoint(dirpath=tmp_path, filename="last", monitor=None, save_top_k=1,
+                               enable_version_counter=False)
+        t = pl.Trainer(max_epochs=max_epochs, logger=False, enable_progress_bar=False,
+                       callbacks=[QuantizationCallback("lsq-4bit", fit="strict",
+                                                       overrides={"phases.epochs": 1},
+                                                       example_input=example), save])
+        t.fit(AdamStepLR(), DeviceLoader(*images, 32, MEAN, STD, train=True), ckpt_path=ckpt)
+
+    fit(x.abs())
+    with pytest.raises(RecipeError, match=r"layer 'net.body.0' was quantized as \['Conv2d', 8, 8, "
+                                          r"False\], this run's 'net.body.0' as \['Conv2d', 8, 8, True\]"):
+        fit(x, tmp_path / "last.ckpt", max_epochs=2)

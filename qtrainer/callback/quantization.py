@@ -75,7 +75,8 @@ class QuantizationCallback(Callback):
     optimizers' classes, hyperparameters and schedulers under ``keep``; your loss; your data.
     ``validate``/``test``/``predict`` before any ``fit`` leave the module in full precision,
     unless the Trainer restores a checkpoint written under this callback (``ckpt_path``): then
-    the module is quantized as saved. One log line (logger ``qtrainer``, rank 0) says what ran.
+    the module is quantized as saved. Two log lines (logger ``qtrainer``, rank 0) say how long
+    it runs and what it changed.
 
     Args:
         recipe: a built-in or registered name (``"lsq-4bit"``), a YAML path, a dict or a
@@ -383,6 +384,27 @@ class QuantizationCallback(Callback):
             torch.set_rng_state(state_dict["torch_rng"])
         if "cuda_rng" in state_dict and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda_rng"])
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """Refuse to resume into layers quantized otherwise than the checkpoint's (the same
+        recipe traced on other data can choose another input signedness, and the weights would
+        load silently), unless ``allow_recipe_change``."""
+        entry = checkpoint.get(QAT_ENTRY)
+        plan = entry.get("plan") if isinstance(entry, dict) else None
+        if not plan or self.allow_recipe_change:
+            return
+        fields = ("name", "kind", "weight_bits", "act_bits", "signed_input")
+        for saved, now in zip(plan, [r.to_dict() for r in self.report]):
+            if any(saved.get(f) != now[f] for f in fields):
+                raise RecipeError("recipe", f"the checkpoint's layer {saved.get('name')!r} was "
+                                  f"quantized as {[saved.get(f) for f in fields[1:]]}, this run's "
+                                  f"{now['name']!r} as {[now[f] for f in fields[1:]]} (kind, "
+                                  "weight bits, input bits, signed input); resume with the example "
+                                  "input of the first run, or allow_recipe_change=True")
+        if len(plan) != len(self.report):
+            raise RecipeError("recipe", f"the checkpoint has {len(plan)} quantized layers, this "
+                              f"run {len(self.report)}; pass allow_recipe_change=True to resume "
+                              "anyway")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if not self.report:
