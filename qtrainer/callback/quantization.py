@@ -72,7 +72,8 @@ class QuantizationCallback(Callback):
     ``optimizer.quantizer_lr_factor``, no weight decay) and scaling the weight decay of
     low-bit weights; tempering's noise, NIPQ's hard phase with BatchNorm re-estimation and the
     mixed-precision loss added to what ``training_step`` returns. What it never touches: your
-    optimizers' classes, hyperparameters and schedulers under ``keep``; your loss; your data.
+    optimizers' classes, hyperparameters and schedulers under ``keep``; what your
+    ``training_step`` computes; your data.
     ``validate``/``test``/``predict`` before any ``fit`` leave the module in full precision,
     unless the Trainer restores a checkpoint written under this callback (``ckpt_path``): then
     the module is quantized as saved. Two log lines (logger ``qtrainer``, rank 0) say how long
