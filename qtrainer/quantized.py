@@ -75,6 +75,21 @@ def quantize_as_saved(module: nn.Module, entry: Mapping, source: str = "the chec
         raise ValueError(f"{source} does not fit {type(module).__name__}: {e}") from None
 
 
+def plan_difference(plan: list, reports: list[LayerReport]) -> str | None:
+    """How a saved layer plan differs from a model's reports in what decides the quantized
+    layers (name, kind, bits, input signedness); None when it does not."""
+    fields = ("name", "kind", "weight_bits", "act_bits", "signed_input")
+    if len(plan) != len(reports):
+        return f"the checkpoint has {len(plan)} quantized layers, this run {len(reports)}"
+    for saved, now in zip(plan, [r.to_dict() for r in reports]):
+        if any(saved.get(f) != now[f] for f in fields):
+            return (f"the checkpoint's layer {saved.get('name')!r} was quantized as "
+                    f"{[saved.get(f) for f in fields[1:]]}, this run's {now['name']!r} as "
+                    f"{[now[f] for f in fields[1:]]} (kind, weight bits, input bits, signed "
+                    "input)")
+    return None
+
+
 def _instantiate(cls: type, checkpoint: Mapping, args: tuple, kwargs: dict) -> nn.Module:
     """``cls(*args, **kwargs)``; without arguments, from the checkpoint's saved
     ``hyper_parameters`` (Lightning's ``save_hyperparameters``) where the signature takes them."""
@@ -171,5 +186,5 @@ def example_from_spec(spec: Mapping, batch: int = 1):
     return args[0] if spec.get("single") else tuple(args)
 
 
-__all__ = ["QAT_ENTRY", "example_from_spec", "input_spec", "load_quantized", "prepare",
-           "qat_entry", "quantize_as_saved"]
+__all__ = ["QAT_ENTRY", "example_from_spec", "input_spec", "load_quantized", "plan_difference",
+           "prepare", "qat_entry", "quantize_as_saved"]

@@ -167,5 +167,6 @@ def test_resuming_into_layers_quantized_otherwise_is_refused(images, tmp_path):
 
     fit(x.abs())
     with pytest.raises(RecipeError, match=r"layer 'net.body.0' was quantized as \['Conv2d', 8, 8, "
-                                          r"False\], this run's 'net.body.0' as \['Conv2d', 8, 8, True\]"):
+                                          r"False\], this run's 'net.body.0' as \['Conv2d', 8, 8, "
+                                          r"True\] .*; resume with the first run's example input"):
         fit(x, tmp_path / "last.ckpt", max_epochs=2)

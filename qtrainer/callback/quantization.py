@@ -36,7 +36,7 @@ from lightning.pytorch.callbacks import Callback
 from ..bn import reestimate_batchnorm
 from ..forward import ForwardError, call_args
 from ..nn import QuantizedLayer, named_quantizers
-from ..quantized import QAT_ENTRY, input_spec
+from ..quantized import QAT_ENTRY, input_spec, plan_difference
 from ..quantizers import NIPQQuantizer, TemperingQuantizer, check_choice
 from ..recipes import Recipe, RecipeError, describe_length, load_recipe
 from ..recipes.sections import FIT_MODES
@@ -124,6 +124,7 @@ class QuantizationCallback(Callback):
         self.changes: list[str] = []  # what on_fit_start changed in the user's training
         self._input_spec: dict | None = None
         self._restored: dict | None = None  # the callback state of a checkpoint being resumed
+        self._restored_plan: list | None = None  # and its layer plan
         self._fitted = False
         self._init_checked = False
         self._unhook: Callable[[], None] | None = None  # removes the restore hook
@@ -239,18 +240,26 @@ class QuantizationCallback(Callback):
             log.info("qtrainer: %s", "; ".join(self.changes))
 
     def _check_restored(self) -> None:
-        """Refuse a resumed checkpoint written under another (fitted) recipe."""
+        """Refuse a resumed checkpoint written under another (fitted) recipe, or whose layers
+        were quantized otherwise (unless ``allow_recipe_change``)."""
         if self._restored is None or not self._fitted:
             return
         state, self._restored = self._restored, None
         saved, current = state.get("recipe_hash"), self.recipe.content_hash()
+        allow = ("pass QuantizationCallback(allow_recipe_change=True) (QTrainer: "
+                 "allow_recipe_change=True; qtrainer run: --allow-recipe-change) to resume anyway")
         if saved != current and not self.allow_recipe_change:
             raise RecipeError("recipe",
                 f"the checkpoint was trained with recipe {state.get('recipe', {}).get('name')!r} "
                 f"(hash {saved}) but this run uses {self.recipe.name!r} (hash {current}; the "
-                "recipe as fitted to this Trainer's length); pass "
-                "QuantizationCallback(allow_recipe_change=True) (QTrainer: "
-                "allow_recipe_change=True; qtrainer run: --allow-recipe-change) to resume anyway")
+                f"recipe as fitted to this Trainer's length); {allow}")
+        # the same recipe traced on other data can choose another input signedness, and the
+        # checkpoint's step sizes would load silently into differently quantized layers
+        plan, self._restored_plan = self._restored_plan, None
+        difference = plan_difference(plan, self.report) if plan else None
+        if difference and not self.allow_recipe_change:
+            raise RecipeError("recipe", f"{difference}; resume with the first run's example "
+                              f"input, or {allow}")
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.phase == PHASE_HARD:  # resumed inside the hard phase
@@ -387,25 +396,8 @@ class QuantizationCallback(Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda_rng"])
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        """Refuse to resume into layers quantized otherwise than the checkpoint's (the same
-        recipe traced on other data can choose another input signedness, and the weights would
-        load silently), unless ``allow_recipe_change``."""
         entry = checkpoint.get(QAT_ENTRY)
-        plan = entry.get("plan") if isinstance(entry, dict) else None
-        if not plan or self.allow_recipe_change:
-            return
-        fields = ("name", "kind", "weight_bits", "act_bits", "signed_input")
-        for saved, now in zip(plan, [r.to_dict() for r in self.report]):
-            if any(saved.get(f) != now[f] for f in fields):
-                raise RecipeError("recipe", f"the checkpoint's layer {saved.get('name')!r} was "
-                                  f"quantized as {[saved.get(f) for f in fields[1:]]}, this run's "
-                                  f"{now['name']!r} as {[now[f] for f in fields[1:]]} (kind, "
-                                  "weight bits, input bits, signed input); resume with the example "
-                                  "input of the first run, or allow_recipe_change=True")
-        if len(plan) != len(self.report):
-            raise RecipeError("recipe", f"the checkpoint has {len(plan)} quantized layers, this "
-                              f"run {len(self.report)}; pass allow_recipe_change=True to resume "
-                              "anyway")
+        self._restored_plan = entry.get("plan") if isinstance(entry, dict) else None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if not self.report:
