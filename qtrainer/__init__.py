@@ -20,8 +20,9 @@ _LAZY = {
                      "make_quantizer"), ".quantizers"),
     **dict.fromkeys(("Recipe", "RecipeError", "get_recipe", "list_recipes", "load_recipe",
                      "register_recipe"), ".recipes"),
-    **dict.fromkeys(("LayerReport", "fp_state_dict", "initialize_quantizers", "quantize_model",
-                     "set_quantizers"), ".surgery"),
+    **dict.fromkeys(("LayerReport", "fp_state_dict", "initialize_quantizers",
+                     "quantize_from_plan", "quantize_model", "set_quantizers"), ".surgery"),
+    **dict.fromkeys(("load_quantized", "prepare"), ".quantized"),
     "QuantizationCallback": ".callback", "QuantizationFault": ".callback",
     "QTrainer": ".trainer",
 }
@@ -50,6 +51,6 @@ __all__ = [
     "LSQQuantizer", "LayerReport", "NIPQQuantizer", "QTrainer", "QuantConv1d", "QuantConv2d", "QuantLinear",
     "QuantizationCallback", "QuantizationFault", "Quantizer", "QuantizedLayer", "Recipe", "RecipeError",
     "TemperingQuantizer", "__version__", "fp_state_dict", "get_recipe", "initialize_quantizers",
-    "list_recipes", "load_recipe", "make_quantizer", "named_quantizers", "quantize_model",
-    "register_recipe", "set_quantizers",
+    "list_recipes", "load_quantized", "load_recipe", "make_quantizer", "named_quantizers",
+    "prepare", "quantize_from_plan", "quantize_model", "register_recipe", "set_quantizers",
 ]

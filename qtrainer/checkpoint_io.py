@@ -5,60 +5,15 @@ would load silently).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .atomic import atomic_write
-from .models import load_error_reason
-
-
-DIGEST_KEY = "sha256"
-"""Key of ``checkpoint["qtrainer"]`` holding :func:`checkpoint_digest`."""
-
-
-def _feed(h, obj: Any) -> None:
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    elif isinstance(obj, Mapping):
-        h.update(f"D{len(obj)}:".encode())
-        for key in sorted(obj, key=repr):
-            _feed(h, key)
-            _feed(h, obj[key])
-    elif isinstance(obj, (list, tuple)):
-        h.update(f"L{len(obj)}:".encode())
-        for item in obj:
-            _feed(h, item)
-    else:
-        h.update(f"{type(obj).__name__}:{obj!r};".encode())
-
-
-def checkpoint_digest(checkpoint: Mapping) -> str:
-    """sha256 of everything in a checkpoint (weights, optimizer and loop states, RNG...) but
-    the digest itself: names, dtypes, shapes and bytes of every tensor. (torch's zip reader
-    checks no CRC: a flipped byte in a tensor loads silently.)"""
-    meta = checkpoint.get("qtrainer")
-    if isinstance(meta, Mapping):
-        checkpoint = {**checkpoint, "qtrainer": {k: v for k, v in meta.items() if k != DIGEST_KEY}}
-    h = hashlib.sha256()
-    _feed(h, checkpoint)
-    return h.hexdigest()
-
-
-def check_checkpoint_digest(checkpoint: Any, path) -> None:
-    """Raise ``ValueError`` naming ``path`` when a checkpoint differs from the digest written
-    with it (checkpoints without one, e.g. from other tools, pass)."""
-    meta = checkpoint.get("qtrainer") if isinstance(checkpoint, dict) else None
-    expected = meta.get(DIGEST_KEY) if isinstance(meta, dict) else None
-    if expected is not None and checkpoint_digest(checkpoint) != expected:
-        raise ValueError(f"checkpoint {os.fspath(path)!r} does not match the checksum written "
-                         "with it: it was modified or damaged after it was saved")
+from .checkpoint_files import (DIGEST_KEY, check_checkpoint_digest, checkpoint_digest,
+                               load_error_reason)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

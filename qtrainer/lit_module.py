@@ -9,8 +9,9 @@
   ``train_loss``/``train_acc``, ``val_loss``/``val_acc``/``val_acc_top5`` and
   ``test_loss``/``test_acc``/``test_acc_top5`` (epoch means);
 - optimizer: the ``optimizer`` mapping (SGD or AdamW, cosine or constant schedule per step with
-  an optional linear warm-up). A QAT recipe with ``optimizer.policy: replace`` (every built-in
-  one) replaces it with the recipe's optimizer; ``keep`` keeps this one.
+  an optional linear warm-up). Under ``QTrainer`` a QAT recipe with ``optimizer.policy: auto``
+  (every built-in one) or ``replace`` replaces it with the recipe's optimizer; ``keep`` keeps
+  this one.
 
 The teacher is held outside the module tree (not a submodule), so model surgery never quantizes
 it, the optimizer never sees it and checkpoints do not store it; it is moved to the module's

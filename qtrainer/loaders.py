@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .callback import batch_input, peek_batch
+from .callback import batch_input, peek_batch, set_loader_epoch
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -42,11 +42,7 @@ class EpochSync(Callback):
     start, after the other callbacks (NIPQ's BN re-estimation iterates the loader)."""
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        loader = trainer.train_dataloader
-        for obj in (loader, getattr(loader, "sampler", None),
-                    getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
-            if obj is not None and callable(getattr(obj, "set_epoch", None)):
-                obj.set_epoch(trainer.current_epoch)
+        set_loader_epoch(trainer.train_dataloader, trainer.current_epoch)
 
 
 class Interrupt(Callback):

@@ -13,7 +13,6 @@ import inspect
 import math
 import os
 import pickle
-import re
 import zipfile
 from typing import Callable, Sequence
 
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint_files import load_error_reason
 from .class_path import import_class
 
 
@@ -267,19 +267,6 @@ def _strip_prefix(state: dict, model_keys: set[str]) -> dict:
         return state
     prefix = max(counts, key=counts.get)
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def load_error_reason(e: BaseException) -> str:
-    """A one-line reason why ``torch.load`` refused a file. (torch's weights-only message spans
-    paragraphs and suggests ``weights_only=False``, which is no advice for an untrusted file.)"""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    for line in text.splitlines():
-        if "WeightsUnpickler error:" in line:
-            reason = line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0]
-            return (f"it holds more than weights ({reason}); checkpoints are never unpickled "
-                    "into code")
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    return f"{type(e).__name__}: {first}"
 
 
 def load_checkpoint_weights(

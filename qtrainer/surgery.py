@@ -1,10 +1,12 @@
-"""Model surgery: turn a model's conv/linear layers into quantized ones by rules.
+"""Model surgery: turn a model's conv/linear layers into quantized ones by rules, or by a saved
+plan.
 
 ``quantize_model`` validates every rule and builds every quantizer before it touches the model,
 so bad input raises ``ValueError`` and leaves the model as it was. The first and last layers are
 the quantizable layers that run first and last on an example input (traced with hooks, not
 module order); input signedness is detected from the same trace (a negative value seen means a
-signed site) unless set per layer.
+signed site) unless set per layer. Each layer's :class:`LayerReport` is the plan that
+``quantize_from_plan`` rebuilds the same quantized model from, without an example input.
 """
 
 from __future__ import annotations
@@ -12,14 +14,18 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+import logging
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
 
+from .forward import call_args, disable_transformer_fast_paths, run_forward
 from .nn import QUANTIZED_TYPES, QuantizedLayer, named_quantizers
 from .quantizers import METHODS, Quantizer, check_bits, check_choice, make_quantizer
+
+log = logging.getLogger("qtrainer")
 
 OVERRIDE_KEYS = ("weight_bits", "act_bits", "signed_input", "skip")
 FIRST_LAST_WORDS = ("same", "fp")
@@ -27,8 +33,9 @@ FIRST_LAST_WORDS = ("same", "fp")
 
 @dataclass
 class LayerReport:
-    """One quantized layer. Bits are None where that side stays full precision; ``macs`` and
-    ``act_numel`` are per example (0 when no example input was traced)."""
+    """One quantized layer: what :func:`quantize_from_plan` needs to rebuild it. Bits are None
+    where that side stays full precision (for NIPQ with learned bits: the initial bits);
+    ``macs`` and ``act_numel`` are per example (0 when no example input was traced)."""
 
     name: str
     kind: str
@@ -40,6 +47,7 @@ class LayerReport:
     weight_numel: int
     act_numel: int
     macs: int
+    method_kwargs: dict = field(default_factory=dict)  # the quantizers' constructor arguments
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,11 +59,6 @@ class _Trace:
     signed: dict[str, bool]
     act_numel: dict[str, int]
     macs: dict[str, int]
-
-
-def _as_call(example_input, example_kwargs) -> tuple[tuple, dict]:
-    args = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
-    return tuple(args), dict(example_kwargs or {})
 
 
 def _trace(model: nn.Module, names: list[str], example_input, example_kwargs) -> _Trace:
@@ -70,8 +73,10 @@ def _trace(model: nn.Module, names: list[str], example_input, example_kwargs) ->
                 trace.order.append(name)
                 trace.signed[name] = False
                 trace.act_numel[name] = x[0].numel() if x.dim() > 1 else x.numel()
-                per_position = output[0, 0].numel() if output.dim() > 2 else 1
-                trace.macs[name] = module.weight.numel() * per_position
+                # output positions per example: H*W of a conv, tokens of a linear on (B, T, D)
+                positions = output[0].numel() // output.shape[1 if isinstance(
+                    module, nn.modules.conv._ConvNd) else -1] if output.dim() > 2 else 1
+                trace.macs[name] = module.weight.numel() * positions
             trace.signed[name] |= bool((x < 0).any())
         return record
 
@@ -79,9 +84,9 @@ def _trace(model: nn.Module, names: list[str], example_input, example_kwargs) ->
     was_training = model.training
     model.eval()
     try:
-        args, kwargs = _as_call(example_input, example_kwargs)
+        args, kwargs = call_args(example_input)
         with torch.no_grad():
-            model(*args, **kwargs)
+            run_forward(model, args, {**kwargs, **dict(example_kwargs or {})}, "tracing forward")
     finally:
         model.train(was_training)
         for h in handles:
@@ -191,7 +196,7 @@ def quantize_model(model: nn.Module, *, method: str = "lsq", weight_bits: int = 
     first, last = order[0], order[-1]
 
     modules = dict(model.named_modules())
-    plan: list[tuple[str, QuantizedLayer]] = []
+    reports: list[LayerReport] = []
     for name in layers:
         if not _match(name, include) or _match(name, exclude):
             continue
@@ -207,28 +212,84 @@ def quantize_model(model: nn.Module, *, method: str = "lsq", weight_bits: int = 
                 ab = spec.get("act_bits", ab)
                 signed = spec.get("signed_input", signed)
                 skip = spec.get("skip", skip)
-        if skip:
-            continue
-        module = modules[name]
-        ref = module.weight
-        wq = make_quantizer(method, wb, True, "weight", module.weight.shape[0], **method_kwargs) \
-            if wb is not None else None
-        aq = make_quantizer(method, ab, signed, "input", **method_kwargs) if ab is not None else None
-        qlayer = QUANTIZED_TYPES[type(module)].from_float(
-            module, wq and wq.to(ref.device), aq and aq.to(ref.device))
-        qlayer.act_numel = trace.act_numel.get(name, 0)
-        qlayer.macs = trace.macs.get(name, 0)
-        qlayer.qreport = LayerReport(name, type(module).__name__, wb, ab, signed, method, position,
-                                     ref.numel(), qlayer.act_numel, qlayer.macs)
-        plan.append((name, qlayer))
-    if not plan:
+        if not skip:
+            reports.append(LayerReport(name, type(modules[name]).__name__, wb, ab, signed, method,
+                                       position, modules[name].weight.numel(),
+                                       trace.act_numel.get(name, 0), trace.macs.get(name, 0),
+                                       dict(method_kwargs)))
+    if not reports:
         raise ValueError("nothing to quantize: include/exclude/overrides leave no layer "
                          f"(layers: {', '.join(layers[:8])})")
+    return _swap(model, [(r, _build_layer(modules[r.name], r)) for r in reports])
 
-    for name, qlayer in plan:
-        parent_name, _, child = name.rpartition(".")
+
+def _build_layer(module: nn.Module, report: LayerReport) -> QuantizedLayer:
+    """The quantized layer of ``module`` described by ``report`` (``module`` is not changed)."""
+    ref = module.weight
+    kwargs = report.method_kwargs
+    wq = make_quantizer(report.method, report.weight_bits, True, "weight", ref.shape[0], **kwargs) \
+        if report.weight_bits is not None else None
+    aq = make_quantizer(report.method, report.act_bits, report.signed_input, "input", **kwargs) \
+        if report.act_bits is not None else None
+    qlayer = QUANTIZED_TYPES[type(module)].from_float(
+        module, wq and wq.to(ref.device), aq and aq.to(ref.device))
+    qlayer.act_numel, qlayer.macs, qlayer.qreport = report.act_numel, report.macs, report
+    return qlayer
+
+
+def _swap(model: nn.Module, built: list[tuple[LayerReport, QuantizedLayer]]) -> list[LayerReport]:
+    """Put the built layers in place; turn off the Transformer fast paths that would skip them."""
+    modules = dict(model.named_modules())
+    for report, qlayer in built:
+        parent_name, _, child = report.name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, qlayer)
-    return [q.qreport for _, q in plan]
+    changed = disable_transformer_fast_paths(model)
+    if changed:
+        log.info("qtrainer: the fused fast path of %s is off: it computes with the float "
+                 "weights and would skip the quantized linear1/linear2",
+                 ", ".join(repr(n) for n in changed))
+    return [r for r, _ in built]
+
+
+def quantize_from_plan(model: nn.Module, plan) -> list[LayerReport]:
+    """Quantize ``model`` as a saved plan says: one :class:`LayerReport` (or its ``to_dict()``)
+    per layer, as :func:`quantize_model` returned them. No example input is needed; the model's
+    layers must be the planned ones (name, kind, weight size), else ``ValueError`` naming the
+    first mismatch and the model is left as it was. A model already quantized by the same plan
+    is returned unchanged."""
+    try:
+        reports = [p if isinstance(p, LayerReport) else LayerReport(**dict(p)) for p in plan]
+    except TypeError as e:
+        raise ValueError(f"malformed layer plan ({e}); expected the fields "
+                         f"{', '.join(f.name for f in fields(LayerReport))}") from None
+    existing = _existing_report(model)
+    if existing:
+        if [(r.name, r.weight_bits, r.act_bits) for r in existing] != \
+                [(r.name, r.weight_bits, r.act_bits) for r in reports]:
+            raise ValueError(f"model {type(model).__name__} is already quantized, differently "
+                             "from the plan")
+        return existing
+    if not reports:
+        raise ValueError("the layer plan is empty")
+    modules = dict(model.named_modules())
+    for r in reports:
+        module = modules.get(r.name)
+        if module is None:
+            close = difflib.get_close_matches(r.name, list(modules), n=1)
+            hint = f"; close: {close[0]!r}" if close else ""
+            raise ValueError(f"layer {r.name!r} of the plan is not in {type(model).__name__}{hint}")
+        if type(module) not in QUANTIZED_TYPES or type(module).__name__ != r.kind:
+            raise ValueError(f"layer {r.name!r}: the plan has a {r.kind}, the model a "
+                             f"{type(module).__name__}")
+        if module.weight.numel() != r.weight_numel:
+            raise ValueError(f"layer {r.name!r}: {module.weight.numel()} weights in the model, "
+                             f"{r.weight_numel} in the plan")
+        check_choice(f"layer {r.name!r} method", r.method, tuple(METHODS))
+        _check_method_kwargs(r.method, r.method_kwargs)
+        for side in ("weight_bits", "act_bits"):
+            if getattr(r, side) is not None:
+                check_bits(f"layer {r.name!r} {side}", getattr(r, side))
+    return _swap(model, [(r, _build_layer(modules[r.name], r)) for r in reports])
 
 
 def initialize_quantizers(model: nn.Module, *batch, **kwargs) -> int:
@@ -236,7 +297,10 @@ def initialize_quantizers(model: nn.Module, *batch, **kwargs) -> int:
     quantizers from one forward pass on ``batch`` (positional and keyword model inputs).
 
     The pass runs without gradients in the model's current mode with hard quantization, and all
-    buffers (BatchNorm statistics) are restored afterwards. Returns the number of quantizers.
+    buffers (BatchNorm statistics) are restored afterwards; input quantizers it does not reach
+    (a GAN's discriminator under ``forward(z)``) initialize from their first input later. A
+    failing pass raises :class:`~qtrainer.forward.ForwardError` naming the module that failed
+    and the shapes it got. Returns the number of quantizers.
     """
     layers = [m for m in model.modules() if isinstance(m, QuantizedLayer)]
     for layer in layers:
@@ -251,7 +315,7 @@ def initialize_quantizers(model: nn.Module, *batch, **kwargs) -> int:
         for q in hard:
             q.set_hard(True)
         with torch.no_grad():
-            model(*batch, **kwargs)
+            run_forward(model, batch, kwargs, "initializing forward")
     finally:
         for q, h in hard.items():
             q.set_hard(h)
@@ -278,4 +342,4 @@ def set_quantizers(model: nn.Module, *, enabled: bool | None = None, hard: bool 
 
 
 __all__ = ["LayerReport", "Quantizer", "fp_state_dict", "initialize_quantizers",
-           "quantize_model", "set_quantizers"]
+           "quantize_from_plan", "quantize_model", "set_quantizers"]

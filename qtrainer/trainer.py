@@ -177,8 +177,10 @@ class QTrainer:
         module = self._module(example)
         if measure_fp and self.fp_metrics is None and val_loader is not None and not self.quantized:
             self.fp_metrics = self._test(module, val_loader)
+        # QTrainer built the module's optimizer itself: optimizer.policy auto replaces it
         self.callback = QuantizationCallback(self.recipe, example_input=to_cpu(example),
-                                             allow_recipe_change=self.allow_recipe_change)
+                                             allow_recipe_change=self.allow_recipe_change,
+                                             auto_policy="replace")
         cbs: list = [self.callback]
         logger: Any = False
         if self.output_dir is not None:

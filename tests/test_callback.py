@@ -61,7 +61,7 @@ def test_each_method_learns_real_images_and_logs(recipe, data):
 
 def test_weight_decay_per_group_follows_precision(data):
     small = (torch.utils.data.Subset(data[0], range(256)), torch.utils.data.Subset(data[1], range(100)))
-    t, cb, module = fit("lsq-2bit", small, epochs=1)
+    t, cb, module = fit("lsq-2bit", small, epochs=1, overrides={"optimizer.policy": "replace"})
     groups = {g["name"]: g for g in t.optimizers[0].param_groups}
     base = cb.recipe.weight_decay.base
     assert groups["weights_2bit"]["weight_decay"] == pytest.approx(base * 0.25)
@@ -80,12 +80,14 @@ def test_weight_decay_per_group_follows_precision(data):
 
 def test_keep_policy_keeps_user_optimizer_and_regroups(data):
     small = (torch.utils.data.Subset(data[0], range(256)), torch.utils.data.Subset(data[1], range(100)))
-    t, cb, module = fit("lsq-3bit", small, epochs=1,
-                        overrides={"optimizer.policy": "keep", "lr_schedule.name": "keep"})
+    t, cb, module = fit("lsq-3bit", small, epochs=1)  # optimizer.policy auto: keep here
     opt = t.optimizers[0]
-    groups = {g["name"]: g for g in opt.param_groups}
-    assert groups["weights_3bit"]["weight_decay"] == pytest.approx(cb.recipe.weight_decay.base * 0.5)
-    assert all(g["lr"] == 0.05 and g["momentum"] == 0.9 for g in opt.param_groups)  # the user's
+    groups = {g.get("name", "user"): g for g in opt.param_groups}
+    assert list(groups) == ["user", "qtrainer/quantizers/0", "qtrainer/weights_3bit/0"]
+    # the user's SGD(lr 0.05, momentum 0.9, weight_decay 5e-4), its decay halved for 3 bits
+    assert groups["qtrainer/weights_3bit/0"]["weight_decay"] == pytest.approx(5e-4 * 0.5)
+    assert groups["user"]["weight_decay"] == 5e-4 and groups["qtrainer/quantizers/0"]["weight_decay"] == 0
+    assert all(g["lr"] == 0.05 and g["momentum"] == 0.9 for g in opt.param_groups)  # SGD: factor 1
     assert t.lr_scheduler_configs == []
 
 
@@ -170,12 +172,13 @@ def test_checkpoint_from_other_recipe_is_refused_unless_allowed(tmp_path, data):
 
 def test_clear_errors(data):
     small = (torch.utils.data.Subset(data[0], range(64)), torch.utils.data.Subset(data[1], range(50)))
-    with pytest.raises(RecipeError, match=r"phases.epochs=90 .* max_epochs=2"):
-        trainer(2, [QuantizationCallback("lsq-4bit")]).fit(LitCNN(), *loaders(*small))
-    cb = QuantizationCallback("lsq-4bit", overrides={"phases.epochs": 1, "optimizer.policy": "keep",
-                                                     "lr_schedule.name": "keep"})
-    with pytest.raises(RecipeError, match="exactly one optimizer"):
+    with pytest.raises(RecipeError, match=r"phases.epochs=90 .*max_epochs=2.*'strict'"):
+        trainer(2, [QuantizationCallback("lsq-4bit", fit="strict")]).fit(LitCNN(), *loaders(*small))
+    cb = QuantizationCallback("lsq-4bit", overrides={"optimizer.policy": "replace"})
+    with pytest.raises(RecipeError, match="manual optimization"):
         trainer(1, [cb]).fit(LitCNN(n_optimizers=2), *loaders(*small))
+    with pytest.raises(ValueError, match="fit='exact' is not allowed; allowed: auto, strict"):
+        QuantizationCallback("lsq-4bit", fit="exact")
 
     class NoLayers(LitCNN):
         def __init__(self):

@@ -98,7 +98,12 @@ def test_every_builtin_loads_with_its_name_and_a_description(name):
                                   "tempering-4bit"])
 def test_lsq_paper_training_settings(name):
     r = get_recipe(name)
-    assert (r.optimizer.policy, r.optimizer.name, r.optimizer.lr) == ("replace", "sgd", 0.01)
+    # the paper's SGD applies where the recipe's optimizer replaces the module's (QTrainer,
+    # qtrainer run: policy auto means replace there)
+    assert (r.optimizer.policy, r.optimizer.name, r.optimizer.lr) == ("auto", "sgd", 0.01)
+    assert (r.optimizer.quantizer_lr, r.optimizer.quantizer_lr_factor) == (None, "auto")
+    assert r.optimizer.quantizer_factor(r.method.name, sgd=True) == 1.0
+    assert r.phases.fit == "auto"
     assert (r.optimizer.momentum, r.optimizer.nesterov) == (0.9, False)
     assert (r.lr_schedule.name, r.lr_schedule.warmup_epochs, r.lr_schedule.floor) == ("cosine", 0, 0.0)
     assert (r.weight_decay.base, r.weight_decay.factors, r.weight_decay.quantizer_params) == (1e-4, LSQ_FACTORS, 0.0)
@@ -159,8 +164,12 @@ def test_documented_defaults():
     assert (r.method.grad_scale, r.method.per_channel, r.method.init) == ("numel", False, "lsq")
     assert r.first_last.bits == 8
     o = r.optimizer
-    assert (o.policy, o.name, o.momentum, o.nesterov, o.betas, o.eps) == ("replace", "sgd", 0.9, False,
+    assert (o.policy, o.name, o.momentum, o.nesterov, o.betas, o.eps) == ("auto", "sgd", 0.9, False,
                                                                          (0.9, 0.999), 1e-8)
+    assert (o.quantizer_lr, o.quantizer_lr_factor, r.phases.fit) == (None, "auto", "auto")
+    # auto: 1.0 under SGD or for NIPQ, 0.01 for LSQ/tempering step sizes under Adam & co
+    assert [o.quantizer_factor(m, sgd) for m, sgd in
+            (("lsq", True), ("lsq", False), ("tempering", False), ("nipq", False))] == [1.0, 0.01, 0.01, 1.0]
     assert (r.weight_decay.factors, r.weight_decay.quantizer_params, r.weight_decay.one_d_params) == ({}, 0.0, True)
     s = r.lr_schedule
     assert (s.name, s.warmup_epochs, s.warmup_start_factor, s.floor) == ("cosine", 0, 0.1, 0.0)
@@ -455,7 +464,10 @@ def nipq(**method) -> dict:
      ["44 is greater than phases.epochs (43)"]),
     (lambda: _set(lsq4(), "lr_schedule.warmup_epochs", 91), "lr_schedule.warmup_epochs",
      ["greater than phases.epochs (90)"]),
-    (lambda: _set(lsq4(), "lr_schedule.name", "keep"), "lr_schedule.name", ["needs optimizer.policy 'keep'"]),
+    (lambda: _set(_set(lsq4(), "lr_schedule.name", "keep"), "optimizer.policy", "replace"),
+     "lr_schedule.name", ["needs optimizer.policy 'keep' or 'auto', not 'replace'"]),
+    (lambda: _set(_set(lsq4(), "optimizer.quantizer_lr", 0.001), "optimizer.quantizer_lr_factor", 0.1),
+     "optimizer.quantizer_lr_factor", ["both set the quantizers' learning rate"]),
     (lambda: _set(_set(_set(lsq4(), "lr_schedule.name", "keep"), "lr_schedule.warmup_epochs", 1),
                   "optimizer.policy", "keep"),
      "lr_schedule.warmup_epochs", ["must be 0 with lr_schedule.name 'keep'"]),
@@ -721,7 +733,7 @@ def test_broken_and_clashing_entry_points(tmp_path, monkeypatch):
 
 BUILTIN_DICTS = [get_recipe(name).to_dict() for name in BUILTINS]
 WORDS = ["lsq", "nipq", "tempering", "same", "fp", "none", "numel", "per_sample", "avg_bits", "gbops",
-         "cosine", "keep", "replace", "adamw", "histogram", "uniform", "error", "name", "extends",
+         "cosine", "keep", "replace", "auto", "strict", "adamw", "histogram", "uniform", "error", "name", "extends",
          "lsq-4bit", "nipq-4bits", "./x.yaml", "/", "a\x00b", ""]
 scalars = (st.none() | st.booleans() | st.integers(-3, 20) | st.integers() | st.integers(0, 3).map(lambda k: 10 ** (5000 + k))
            | st.floats() | st.floats(0, 2) | st.text(max_size=10) | st.sampled_from(WORDS))

@@ -2,9 +2,9 @@
 uses: optimizer groups and schedules (:mod:`.optimizers`), fault checks (:mod:`.faults`) and
 batch helpers (:mod:`.batches`)."""
 
-from .batches import batch_input, peek_batch
+from .batches import batch_input, peek_batch, set_loader_epoch
 from .faults import QuantizationFault
 from .quantization import PHASE_HARD, PHASE_NOISE, QuantizationCallback
 
 __all__ = ["PHASE_HARD", "PHASE_NOISE", "QuantizationCallback", "QuantizationFault",
-           "batch_input", "peek_batch"]
+           "batch_input", "peek_batch", "set_loader_epoch"]

@@ -1,4 +1,5 @@
-"""Finding the model input in a batch, and peeking at a loader without disturbing it."""
+"""Finding the model input in a batch, peeking at a loader without disturbing it, and setting
+the epoch a loader shuffles and augments for."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import torch
 
 def batch_input(batch):
     """The model input of a batch: the batch itself if a tensor, its first element if a tuple
-    or list, ``batch["input"|"inputs"|"x"|"image"]`` if a mapping."""
+    or list, ``batch["input"|"inputs"|"x"|"image"]`` if a mapping. (An ``input_fn`` of one's own
+    may return a tuple, the forward's positional arguments, or a mapping, its keyword
+    arguments.)"""
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, (tuple, list)) and batch:
@@ -39,4 +42,14 @@ def peek_batch(loader, n: int = 8):
         torch.set_rng_state(rng)
 
 
-__all__ = ["batch_input", "peek_batch"]
+def set_loader_epoch(loader, epoch: int) -> None:
+    """Call ``set_epoch(epoch)`` on a loader and on its sampler and batch sampler, where they
+    have one (a ``DistributedSampler``, qtrainer's ``EpochShuffleSampler`` and ``DeviceLoader``):
+    their next iteration then gives that epoch's order and augmentation."""
+    for obj in (loader, getattr(loader, "sampler", None),
+                getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        if obj is not None and callable(getattr(obj, "set_epoch", None)):
+            obj.set_epoch(epoch)
+
+
+__all__ = ["batch_input", "peek_batch", "set_loader_epoch"]

@@ -1,6 +1,8 @@
-"""The optimizer side of a recipe: parameter groups by role and precision (weight decay scaled
-by weight bit-width, quantizer parameters apart), the ``keep``/``replace`` optimizer policy and
-the recipe's learning-rate schedule."""
+"""``optimizer.policy: replace``: the recipe's optimizer and learning-rate schedule in place of
+the module's (the papers' settings; what ``QTrainer`` and ``qtrainer run`` use). Parameters are
+grouped by role and planned precision (weight decay scaled by the weight bit-width, quantizer
+parameters apart); the groups depend only on the layer plan, so a resumed run's saved optimizer
+state loads even after NIPQ's learned bit-widths moved."""
 
 from __future__ import annotations
 
@@ -10,89 +12,90 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 from ..nn import QuantizedLayer, named_quantizers
 from ..recipes import Recipe, RecipeError
 from ..schedules import WarmupCosine
+from .user_optimizers import describe_optimizers
 
 
-def param_groups(recipe: Recipe, pl_module, options: list[dict], owner: dict[int, int]):
-    """Split parameters into groups by role and precision, each with its weight decay.
+def param_groups(recipe: Recipe, pl_module) -> list[dict]:
+    """The module's parameters in groups by role and precision, each with a ``name`` and its
+    weight decay: ``quantizers`` (every quantizer parameter, trained or frozen, lr = the
+    recipe's quantizer lr), ``weights_<b>bit`` (quantized weights, ``b`` the planned bits),
+    ``fp`` (other trainable parameters) and ``one_d`` (trainable 1-D ones)."""
+    wd, spec = recipe.weight_decay, recipe.optimizer
+    groups: dict[str, dict] = {}
 
-    ``options[i]`` are the hyperparameters of original group ``i``; ``owner`` maps a parameter
-    id to its original group (missing: group 0). Returns the groups (each with a ``name``) and,
-    for each, the index of the original group it came from.
-    """
-    wd = recipe.weight_decay
-    role: dict[int, tuple[str, float]] = {}
+    def add(name: str, decay: float, p, **options) -> None:
+        groups.setdefault(name, {"params": [], "weight_decay": decay, "name": name, **options})
+        groups[name]["params"].append(p)
+
+    quantizer_lr = spec.quantizer_lr if spec.quantizer_lr is not None else \
+        spec.lr * spec.quantizer_factor(recipe.method.name, spec.name == "sgd")
+    placed = set()
     for _, q in named_quantizers(pl_module):
         for p in q.parameters():
-            role[id(p)] = ("quantizers", wd.quantizer_params)
+            add("quantizers", wd.quantizer_params, p, lr=quantizer_lr)
+            placed.add(id(p))
     for m in pl_module.modules():
-        if isinstance(m, QuantizedLayer) and m.weight_quantizer is not None:
-            bits = m.weight_quantizer.bits
-            role[id(m.weight)] = (f"weights_{bits}bit", wd.effective_weight_decay(bits))
-    groups: dict[tuple[str, int], dict] = {}
+        if isinstance(m, QuantizedLayer) and m.weight_quantizer is not None \
+                and m.weight.requires_grad:
+            bits = m.qreport.weight_bits
+            add(f"weights_{bits}bit", wd.effective_weight_decay(bits), m.weight)
+            placed.add(id(m.weight))
     for p in pl_module.parameters():
-        if not p.requires_grad:
-            continue
-        name, decay = role.get(id(p), ("fp", wd.base))
-        if name == "fp" and p.ndim <= 1:
-            name, decay = "one_d", (wd.base if wd.one_d_params else 0.0)
-        key = (name, owner.get(id(p), 0))
-        if key not in groups:
-            groups[key] = {**options[key[1]], "params": [], "weight_decay": decay,
-                           "name": name if len(options) == 1 else f"{name}/{key[1]}"}
-        groups[key]["params"].append(p)
-    return list(groups.values()), [origin for _, origin in groups]
+        if p.requires_grad and id(p) not in placed:
+            if p.ndim <= 1:
+                add("one_d", wd.base if wd.one_d_params else 0.0, p)
+            else:
+                add("fp", wd.base, p)
+    return list(groups.values())
 
 
-def apply_optimizer_policy(recipe: Recipe, trainer, pl_module) -> torch.optim.Optimizer:
-    """``replace``: a new optimizer of the recipe over :func:`param_groups` (the user's
-    optimizers and schedulers are dropped); ``keep``: the user's single optimizer regrouped in
-    place, its schedulers' per-group lists kept consistent. Returns the optimizer."""
-    spec = recipe.optimizer
-    if spec.policy == "replace":
-        groups, _ = param_groups(recipe, pl_module, [{}], {})
-        if spec.name == "sgd":
-            opt = torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum,
-                                  nesterov=spec.nesterov)
-        else:
-            opt = torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps)
-        trainer.strategy.optimizers = [opt]
-        trainer.strategy.lr_scheduler_configs = []
-        return opt
-    if len(trainer.optimizers) != 1:
+def replace_optimizers(recipe: Recipe, trainer, pl_module) -> str:
+    """Put the recipe's optimizer over :func:`param_groups` in place of the module's optimizers
+    and schedulers, and its LR schedule (:func:`install_lr_schedule`). Returns what was
+    replaced, for the log."""
+    if not pl_module.automatic_optimization:
         raise RecipeError("optimizer.policy",
-            f"optimizer.policy='keep' needs exactly one optimizer, but the module's "
-            f"configure_optimizers returned {len(trainer.optimizers)}; use "
-            "optimizer.policy='replace' or a single optimizer")
-    opt = trainer.optimizers[0]
-    old = opt.param_groups
-    options = [{k: v for k, v in g.items() if k != "params"} for g in old]
-    owner = {id(p): i for i, g in enumerate(old) for p in g["params"]}
-    groups, origin = param_groups(recipe, pl_module, options, owner)
-    opt.param_groups = []
-    for g in groups:
-        opt.add_param_group(g)
-    for config in trainer.lr_scheduler_configs:  # keep the user's schedulers consistent
-        sched = config.scheduler
-        for attr, value in vars(sched).items():
-            if isinstance(value, list) and len(value) == len(old) and attr != "optimizer":
-                setattr(sched, attr, [value[i] for i in origin])
-    return opt
+                          f"optimizer.policy 'replace' cannot train {type(pl_module).__name__}: it "
+                          "uses manual optimization (automatic_optimization = False), so its "
+                          "training_step steps its own optimizers; use optimizer.policy 'keep' "
+                          "(or 'auto', the default)")
+    before = describe_optimizers(trainer.optimizers, trainer.lr_scheduler_configs)
+    spec = recipe.optimizer
+    groups = param_groups(recipe, pl_module)
+    if spec.name == "sgd":
+        opt = torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov)
+    else:
+        opt = torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps)
+    trainer.strategy.optimizers = [opt]
+    trainer.strategy.lr_scheduler_configs = []
+    return f"replaced {before} by the recipe's {describe_optimizers([opt], [])}"
 
 
-def install_lr_schedule(recipe: Recipe, trainer, optimizer, total_steps: int) -> None:
-    """Install the recipe's warm-up + cosine/constant schedule (stepped per optimizer step) in
-    place of the Trainer's schedulers; ``lr_schedule.name: keep`` leaves them."""
+def install_lr_schedule(recipe: Recipe, trainer, total_steps: int | None) -> str:
+    """Install the recipe's warm-up + cosine/constant schedule (a ``LambdaLR`` stepped per
+    optimizer step over ``total_steps``) on the replaced optimizer; ``lr_schedule.name: keep``
+    is refused (the user's scheduler drove the optimizer that was replaced). Returns a phrase
+    for the log."""
     sched = recipe.lr_schedule
     if sched.name == "keep":
-        return
+        raise RecipeError("lr_schedule.name", "lr_schedule.name: 'keep' leaves the user's "
+                          "scheduler, but optimizer.policy replaced the user's optimizer; set "
+                          "optimizer.policy 'keep' or an lr_schedule.name of the recipe")
+    if total_steps is None:
+        raise RecipeError("lr_schedule.name", "the recipe's LR schedule needs the run's length "
+                          "in optimizer steps, which the Trainer does not know (a training "
+                          "loader without __len__): set Trainer(max_steps=...)")
+    optimizer = trainer.optimizers[0]
     steps_per_epoch = total_steps / recipe.phases.epochs
-    factor = WarmupCosine(total_steps, round(sched.warmup_epochs * steps_per_epoch),
-                          sched.warmup_start_factor, sched.floor, sched.name)
+    warmup = round(sched.warmup_epochs * steps_per_epoch)
+    factor = WarmupCosine(total_steps, warmup, sched.warmup_start_factor, sched.floor, sched.name)
     for g in optimizer.param_groups:
         g.pop("initial_lr", None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     trainer.strategy.lr_scheduler_configs = [
         LRSchedulerConfig(scheduler, name="qat-lr", interval="step", frequency=1)]
+    return (f"LR schedule {sched.name} over {total_steps} steps"
+            + (f" after {warmup} warm-up steps" if warmup else ""))
 
 
-__all__ = ["apply_optimizer_policy", "install_lr_schedule", "param_groups"]
+__all__ = ["install_lr_schedule", "param_groups", "replace_optimizers"]

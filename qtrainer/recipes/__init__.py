@@ -24,7 +24,7 @@ from .registry import (
     unregister_recipe,
 )
 from .methods import LSQMethod, NIPQMethod, TemperingMethod
-from .scaling import scale_epochs
+from .scaling import describe_length, scale_epochs
 from .schema import Recipe
 from .sections import (Bits, Distillation, Faults, FirstLast, LayerOverride, LRSchedule,
                        MixedPrecision, Optimizer, Phases, WeightDecay)
@@ -49,6 +49,7 @@ __all__ = [
     "TemperingMethod",
     "WeightDecay",
     "apply_overrides",
+    "describe_length",
     "dump_recipe",
     "get_recipe",
     "list_recipes",

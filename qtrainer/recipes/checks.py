@@ -127,27 +127,32 @@ class Text:
 
 
 @dataclass(frozen=True)
-class IntOr:
-    """An int checked by ``number``, or one of the strings ``words``."""
+class NumberOr:
+    """A number checked by ``number`` (an :class:`Int` takes ints only, a :class:`Float` ints
+    and floats), or one of the strings ``words``."""
 
-    number: Int
+    number: Int | Float
     words: tuple[str, ...]
 
     @property
     def allowed(self) -> str:
         return f"{self.number.allowed}, or " + " or ".join(f"'{w}'" for w in self.words)
 
-    def __call__(self, value: object, path: str) -> int | str:
+    def __call__(self, value: object, path: str) -> int | float | str:
         if isinstance(value, str):
             if value in self.words:
                 return value
             hint = did_you_mean(value, self.words)
             raise RecipeError(path, f"{path}: invalid value {show(value)}; allowed: {self.allowed}{hint}")
-        if isinstance(value, bool) or not isinstance(value, int):
+        kinds = int if isinstance(self.number, Int) else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
             raise _bad_type(path, value, self.allowed)
-        if not self.number.lo <= value <= self.number.hi:
-            raise _out_of_range(path, value, self.allowed)
-        return int(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecipeError(path, f"{path}: {show(value)} is not finite; allowed: {self.allowed}")
+        try:
+            return self.number(value, path)
+        except RecipeError:
+            raise _out_of_range(path, value, self.allowed) from None
 
 
 @dataclass(frozen=True)

@@ -143,13 +143,18 @@ class Recipe:
         if s.name == "keep" and s.warmup_epochs:
             raise RecipeError("lr_schedule.warmup_epochs", "lr_schedule.warmup_epochs: must be 0 with "
                                                            "lr_schedule.name 'keep' (the user's scheduler is kept)")
-        if s.name == "keep" and self.optimizer.policy != "keep":
+        if s.name == "keep" and self.optimizer.policy == "replace":
             raise RecipeError("lr_schedule.name", "lr_schedule.name: 'keep' leaves the user's scheduler, which "
-                                                  "drives the user's optimizer: it needs optimizer.policy 'keep'")
+                                                  "drives the user's optimizer: it needs optimizer.policy 'keep' "
+                                                  "or 'auto', not 'replace'")
         if s.name != "cosine" and s.floor:
             raise RecipeError("lr_schedule.floor", f"lr_schedule.floor: {s.floor} is only used by the 'cosine' "
                                                    f"schedule, not '{s.name}'; allowed: 0.0")
         o = self.optimizer
+        if o.quantizer_lr is not None and o.quantizer_lr_factor != "auto":
+            raise RecipeError("optimizer.quantizer_lr_factor", "optimizer.quantizer_lr_factor: "
+                              f"{o.quantizer_lr_factor} and optimizer.quantizer_lr: {o.quantizer_lr} "
+                              "both set the quantizers' learning rate; set one (the factor 'auto')")
         if o.nesterov and (o.name != "sgd" or o.momentum == 0):
             raise RecipeError("optimizer.nesterov", "optimizer.nesterov: true needs optimizer.name 'sgd' and "
                                                     f"optimizer.momentum > 0 (got '{o.name}', {o.momentum})")

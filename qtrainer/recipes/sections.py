@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .checks import Bool, BitFactors, Float, FloatPair, Int, IntOr, Nullable, OneOf
+from .checks import Bool, BitFactors, Float, FloatPair, Int, Nullable, NumberOr, OneOf
 from .errors import RecipeError, show
 from .fields import BITS, MAX_EPOCHS, checked_field, expect_mapping, join_path, parse_section
 
@@ -34,7 +34,7 @@ class FirstLast:
             full precision.
     """
 
-    bits: int | str = checked_field(IntOr(BITS, ("same", "fp")), 8)
+    bits: int | str = checked_field(NumberOr(BITS, ("same", "fp")), 8)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,29 +60,60 @@ class LayerOverride:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
+POLICIES = ("auto", "keep", "replace")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Optimizer:
     """Which optimizer trains the quantized model.
 
     Attributes:
-        policy: ``replace``: build the recipe's optimizer below; ``keep``: keep the user's
-            optimizer and its hyperparameters, only set weight decay from ``weight_decay`` and
-            add the quantizer parameters (then ``name``..``eps`` are unused).
-        name: ``sgd`` or ``adamw``.
-        lr: peak learning rate.
+        policy: ``keep``: the module's own optimizers and LR schedulers train it; the
+            quantizer parameters join the optimizer that holds their layer's weight, in a param
+            group of their own (weight decay ``weight_decay.quantizer_params``, learning rate
+            from ``quantizer_lr``/``quantizer_lr_factor``), and weight decay by precision
+            multiplies the decay of the user's group of each quantized weight; ``name``..``eps``
+            and ``lr_schedule`` are not used. ``replace``: the recipe's optimizer (the keys
+            below) and ``lr_schedule`` replace the module's (the papers' settings). ``auto``:
+            ``keep`` under ``QuantizationCallback`` on a user's module, ``replace`` under
+            ``QTrainer`` and ``qtrainer run``, which build the module's optimizer themselves.
+        name: ``sgd`` or ``adamw`` (``replace``).
+        lr: peak learning rate (``replace``).
         momentum: SGD momentum (sgd only).
         nesterov: Nesterov momentum (sgd only, needs momentum > 0).
         betas: AdamW's (beta1, beta2) (adamw only).
         eps: AdamW's epsilon (adamw only).
+        quantizer_lr: base learning rate of the quantizer parameters (null: from
+            ``quantizer_lr_factor``); schedules scale it as they scale the group it comes from.
+        quantizer_lr_factor: quantizer lr = this factor x the lr of the group holding the
+            layer's weight. ``auto``: 1.0 with SGD (LSQ and NIPQ train their parameters at the
+            weights' lr; LSQ's gradient scale keeps step-size updates in proportion) and for
+            NIPQ (alpha and bit-width are softplus/sigmoid parameters of order 1, positive by
+            construction); 0.01 for LSQ/tempering step sizes under any other optimizer (Adam's
+            update is about +-lr whatever the gradient: an 8-bit first-layer step size of ~0.017
+            moves 6% per step at lr 1e-3 and turns negative in one step at lr 0.05).
     """
 
-    policy: str = checked_field(OneOf(("keep", "replace")), "replace")
+    policy: str = checked_field(OneOf(POLICIES), "auto")
     name: str = checked_field(OneOf(("sgd", "adamw")), "sgd")
     lr: float = checked_field(Float(0.0, 10.0, lo_open=True))
     momentum: float = checked_field(Float(0.0, 1.0, hi_open=True), 0.9)
     nesterov: bool = checked_field(Bool(), False)
     betas: tuple[float, float] = checked_field(FloatPair(Float(0.0, 1.0, hi_open=True)), (0.9, 0.999))
     eps: float = checked_field(Float(0.0, 1.0, lo_open=True), 1e-8)
+    quantizer_lr: float | None = checked_field(Nullable(Float(0.0, 10.0, lo_open=True)), None)
+    quantizer_lr_factor: float | str = checked_field(NumberOr(Float(0.0, 100.0, lo_open=True),
+                                                              ("auto",)), "auto")
+
+    def quantizer_factor(self, method: str, sgd: bool) -> float:
+        """The ``auto`` rule (or the set factor): 1.0 under SGD or for NIPQ, else 0.01."""
+        if self.quantizer_lr_factor != "auto":
+            return float(self.quantizer_lr_factor)
+        return 1.0 if sgd or method == "nipq" else ADAPTIVE_QUANTIZER_LR_FACTOR
+
+
+ADAPTIVE_QUANTIZER_LR_FACTOR = 0.01
+"""``quantizer_lr_factor: auto`` for LSQ/tempering step sizes under an adaptive optimizer."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,7 +149,8 @@ class LRSchedule:
     Attributes:
         name: ``cosine``: cosine decay from ``lr`` to ``floor * lr`` over the epochs after the
             warm-up; ``constant``: ``lr`` after the warm-up; ``keep``: leave the user's scheduler
-            (needs ``optimizer.policy: keep``, no warm-up, no floor).
+            (not with ``optimizer.policy: replace``; no warm-up, no floor). The schedule applies
+            only where the recipe's optimizer replaces the module's (``optimizer.policy``).
         warmup_epochs: epochs of linear warm-up (0 = none).
         warmup_start_factor: lr factor in the first warm-up epoch, rising linearly to 1
             (NIPQ: 0.1 -> 0.1, 0.4, 0.7 of lr over 3 epochs).
@@ -131,12 +163,21 @@ class LRSchedule:
     floor: float = checked_field(Float(0.0, 1.0), 0.0)
 
 
+FIT_MODES = ("auto", "strict")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Phases:
     """Length and stages of the run.
 
     Attributes:
         epochs: total QAT epochs, the hard phase included (NIPQ official: 40 + 3 = 43).
+        fit: ``auto``: the run is as long as the Trainer's (``max_epochs``, or ``max_steps``
+            over the batches per epoch): ``epochs``, ``hard_epochs`` and
+            ``lr_schedule.warmup_epochs`` are scaled to it (:func:`~qtrainer.recipes.scale_epochs`)
+            and the step-based schedules (cosine, tempering's decay) span it; ``strict``: the
+            Trainer must run at least ``epochs`` epochs (else an error) and the schedules end
+            at ``epochs``.
         hard_epochs: NIPQ phase 2: the last epochs train with hard quantization (STE) and frozen
             bits (default 3 for nipq; must be 0 for lsq and tempering, which are always hard).
         bn_reestimation_batches: forward-only BatchNorm statistics re-estimation over this many
@@ -145,6 +186,7 @@ class Phases:
     """
 
     epochs: int = checked_field(Int(1, MAX_EPOCHS))
+    fit: str = checked_field(OneOf(FIT_MODES), "auto")
     hard_epochs: int = checked_field(Int(0, MAX_EPOCHS), 0)
     bn_reestimation_batches: int = checked_field(Int(0, 1_000_000), 0)
 
@@ -218,6 +260,6 @@ def parse_overrides(raw: object) -> dict[str, LayerOverride]:
     return out
 
 
-__all__ = ["Bits", "Distillation", "Faults", "FirstLast", "LRSchedule", "LayerOverride",
-           "MixedPrecision", "NIPQ_PHASE_DEFAULTS", "Optimizer", "Phases", "WeightDecay",
-           "parse_overrides"]
+__all__ = ["ADAPTIVE_QUANTIZER_LR_FACTOR", "Bits", "Distillation", "FIT_MODES", "Faults",
+           "FirstLast", "LRSchedule", "LayerOverride", "MixedPrecision", "NIPQ_PHASE_DEFAULTS",
+           "Optimizer", "POLICIES", "Phases", "WeightDecay", "parse_overrides"]
