@@ -92,11 +92,12 @@ def load_class_checkpoint(ckpt: str | os.PathLike, class_path: str, init_args: M
 
 
 def data_bundle(items: Mapping, seed: int = 0):
-    """The data bundle of a ``data:`` section given as ``--data KEY=VALUE`` items."""
+    """The data bundle of a ``data:`` section (``--data KEY=VALUE`` items, or a run file's);
+    ``seed`` orders the batches (the split follows ``data.seed``)."""
     from ..data import build_data
 
     try:
-        return build_data(check_data(dict(items), seed))
+        return build_data(check_data(dict(items)), seed=seed)
     except (ValueError, FileNotFoundError, OSError, ImportError) as e:
         raise RunFileError("data", f"--data: {e}") from None
 
