@@ -11,14 +11,14 @@ import neither torch nor Lightning.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from .cli_errors import EXIT_BAD_INPUT, EXIT_FAILURE, STATE, BadInput, fail, handle_errors
+from .cli_errors import EXIT_FAILURE, STATE, BadInput, fail, handle_errors
+from .cli_checkpoints import INIT_ARG_HELP, MODEL_CLASS_HELP
 from .cli_errors import overrides as _overrides
 from .recipes import RecipeError
 
@@ -289,54 +289,6 @@ def validate(
 # ----------------------------------------------------------------------------- eval, export
 
 
-def _checkpoint_config(ckpt: str, run_file: Optional[str]):
-    from .run import find_run_file, load_run_file
-
-    if not Path(ckpt).is_file():
-        raise BadInput(f"checkpoint {ckpt!r} does not exist")
-    path = Path(run_file) if run_file else find_run_file(ckpt)
-    if not path.is_file():
-        raise BadInput(f"run file {str(path)!r} does not exist")
-    return load_run_file(path)
-
-
-MODEL_CLASS_HELP = ("Your module's class, 'package.module:Class' (imported from the current "
-                    "folder or the installed packages), for a checkpoint written under "
-                    "QuantizationCallback; its layers are rebuilt from the plan saved in it.")
-INIT_ARG_HELP = ("A constructor argument of --model-class (repeatable; values are YAML). "
-                 "Default: the hyperparameters saved in the checkpoint.")
-
-
-def _init_args(items: Optional[List[str]]) -> dict:
-    args = _overrides(items)
-    dotted = [k for k in args if "." in k]
-    if dotted:
-        raise BadInput(f"--init-arg {dotted[0]!r}: give constructor arguments as name=value")
-    return args
-
-
-def _class_model(ckpt: str, model_class: str, init_arg: Optional[List[str]]):
-    """(quantized module in eval mode, its checkpoint's qtrainer entry) for --model-class."""
-    from .run.checkpoints import load_class_checkpoint
-
-    if not Path(ckpt).is_file():
-        raise BadInput(f"checkpoint {ckpt!r} does not exist")
-    return load_class_checkpoint(ckpt, model_class, _init_args(init_arg))
-
-
-def _class_data(ckpt: str, data: Optional[List[str]], run_file: Optional[str]):
-    """The data bundle for --model-class: --data items, else the run file's data section."""
-    from .run.checkpoints import data_bundle
-
-    if data:
-        return data_bundle(_overrides(data))
-    if run_file:
-        cfg = _checkpoint_config(ckpt, run_file)
-        return data_bundle(cfg.data, cfg.seed)
-    raise BadInput("--model-class needs data to evaluate on: --data name=... (the keys of a run "
-                   "file's data section, e.g. --data name=digits) or --run-file FILE")
-
-
 @app.command("eval")
 @handle_errors
 def eval_(
@@ -369,44 +321,16 @@ def eval_(
       qtrainer eval last.ckpt --model-class my_pkg.models:LitNet --data name=npz-jpeg
       qtrainer eval last.ckpt --model-class my_pkg.models:LitNet --init-arg width=16 --run-file run.yaml
     """
-    from .lightning_setup import evaluate_module
-    from .run import bundle_loaders, load_checkpoint_model
+    from .cli_checkpoints import evaluate_checkpoint
 
     _lightning_logs()
-    if split not in ("test", "val"):
-        raise BadInput(f"--split {split!r}: allowed: test, val")
-    trainer_args = {"enable_progress_bar": False}
-    if model_class is not None:
-        from .run.checkpoints import as_classifier
-
-        model, entry = _class_model(ckpt, model_class, init_arg)
-        bundle = _class_data(ckpt, data, run_file)
-        module, quantized, recipe_name = as_classifier(model, bundle.num_classes), True, \
-            entry.get("recipe_name")
-        seed = bundle.seed
-    else:
-        if init_arg or data:
-            raise BadInput("--init-arg and --data go with --model-class")
-        cfg = _checkpoint_config(ckpt, run_file)
-        module, bundle, quantized = load_checkpoint_model(ckpt, cfg)
-        recipe_name, seed = cfg.recipe.name, cfg.seed
-        trainer_args.update({k: v for k, v in cfg.trainer.items() if k == "accelerator"})
-    _, val, test = bundle_loaders(bundle, seed)
-    loader = test if split == "test" else val
-    if loader is None:
-        raise BadInput("the data has no validation split (data.val_size is 0)")
-    metrics = evaluate_module(module, loader, trainer_args)
-    out = {"checkpoint": ckpt, "split": split, "quantized": quantized, **metrics}
-    if quantized:
-        from .resources import summarize
-
-        out.update(summarize(module).to_dict())
+    out, recipe_name = evaluate_checkpoint(ckpt, run_file, split, model_class, init_arg, data)
     if as_json:
         typer.echo(json.dumps(out, indent=2))
     else:
-        kind = f"quantized ({recipe_name})" if quantized else "full precision"
-        typer.echo(f"{ckpt}: {kind}, {split} top-1 {100 * metrics['acc']:.2f}%, top-5 "
-                   f"{100 * metrics['acc_top5']:.2f}%, loss {metrics['loss']:.4f}")
+        kind = f"quantized ({recipe_name})" if out["quantized"] else "full precision"
+        typer.echo(f"{ckpt}: {kind}, {split} top-1 {100 * out['acc']:.2f}%, top-5 "
+                   f"{100 * out['acc_top5']:.2f}%, loss {out['loss']:.4f}")
 
 
 @app.command("export")
@@ -438,47 +362,10 @@ def export_(
       qtrainer export runs/quickstart/checkpoints/best.ckpt --format onnx -o model.onnx
       qtrainer export last.ckpt --model-class my_pkg.models:LitNet --format onnx -o model.onnx
     """
-    from .export import export as export_model
-    from .run import EXPORT_FORMATS, load_checkpoint_model
+    from .cli_checkpoints import export_checkpoint
 
-    if format not in EXPORT_FORMATS:
-        raise BadInput(f"--format {format!r}: allowed: {', '.join(EXPORT_FORMATS)}")
-    ext = {"int": "safetensors", "onnx": "onnx", "torchscript": "ts.pt",
-           "exported_program": "pt2"}[format]
-    if model_class is not None:
-        from .quantized import example_from_spec
-
-        model, entry = _class_model(ckpt, model_class, init_arg)
-        spec = entry.get("input_spec")
-        example = example_from_spec(spec) if isinstance(spec, dict) else None
-        if isinstance(example, dict):
-            raise BadInput("the checkpoint's forward takes keyword arguments, which the traced "
-                           "exports cannot pass; export with --format int")
-        if example is None and format != "int":
-            raise BadInput(f"--format {format}: the checkpoint holds no example input shapes; "
-                           "use --format int")
-        default_dir = Path(ckpt).parent / "export"
-        meta = {"recipe": entry.get("recipe_name"), "recipe_hash": entry.get("recipe_hash")}
-    else:
-        if init_arg:
-            raise BadInput("--init-arg goes with --model-class")
-        cfg = _checkpoint_config(ckpt, run_file)
-        module, bundle, quantized = load_checkpoint_model(ckpt, cfg)
-        if not quantized:
-            raise BadInput(f"{ckpt} is a full-precision checkpoint; export takes a QAT checkpoint")
-        model, example = module.model, bundle.example_input
-        default_dir = Path(cfg.output_dir) / "export"
-        meta = {"recipe": cfg.recipe.name, "recipe_hash": cfg.recipe.content_hash()}
-    path = Path(output) if output else default_dir / f"model.{ext}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta["checkpoint"] = os.path.abspath(ckpt)
-    model.eval()
-    try:
-        report = export_model(model, path, format=format, example_input=example, fold_bn=fold_bn,
-                              metadata=meta)
-    except ModuleNotFoundError as e:
-        raise BadInput(f"--format {format} needs the {e.name} package, which is not installed: "
-                       f"pip install {e.name}") from None
+    path, report = export_checkpoint(ckpt, format, output, run_file, fold_bn, model_class,
+                                     init_arg)
     typer.echo(f"wrote {path} ({report.get('file_bytes', path.stat().st_size)} bytes, {format})")
 
 
