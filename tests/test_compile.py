@@ -1,12 +1,15 @@
-"""torch.compile of quantized models through the fused ops (qtrainer/quantizers/ops.py): the
+"""torch.compile of quantized models through the fused ops (qtrainer/quantizers/ops): the
 custom ops' fake implementations and registered autograd let Dynamo capture forward and backward
 in one graph (``fullgraph=True`` raises on any graph break), with the eager results.
 
 CPU only (``backend="aot_eager"``: Dynamo + AOTAutograd, no code generation), through the ops'
-torch implementation; the GPU benchmark compiles with Inductor and CUDA graphs.
+torch formulas (and the Triton kernels under ``TRITON_INTERPRET=1``, run from
+tests/test_kernels.py); the GPU benchmark compiles with Inductor and CUDA graphs.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -43,14 +46,23 @@ def _step(model, x, seed, autocast=False):
                         for n, p in model.named_parameters() if p.grad is not None}
 
 
+INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# (fused, backend): the default path, the plain reference path, and the Triton kernels
+PATHS = [("on", "triton")] if INTERP else [("on", "torch"), ("off", "torch")]
+
+
+@pytest.mark.parametrize("fused,backend", PATHS)
 @pytest.mark.parametrize("method,kw,recompute,autocast", [
-    ("lsq", {"per_channel": True}, True, True),
-    ("nipq", {"noise": "histogram", "learn_bits": True}, True, False),
+    ("lsq", {"per_channel": True}, None, True),
+    ("nipq", {"noise": "histogram", "learn_bits": True}, None, False),
+    ("nipq", {"noise": "histogram"}, False, False),
 ])
-def test_fullgraph_compile_matches_eager(method, kw, recompute, autocast):
+def test_fullgraph_compile_matches_eager(fused, backend, method, kw, recompute, autocast):
+    """Every path traces without a graph break, NIPQ's histogram noise included (its table
+    and noise are custom ops fed by a seed tensor, no torch.Generator in the graph)."""
     model, x = _model(method, kw)
     set_recompute(model, recompute)
-    with ops.options(fused="on", backend="torch"):
+    with ops.options(fused=fused, backend=backend):
         torch._dynamo.reset()
         counters.clear()
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
@@ -119,6 +131,6 @@ def test_compiled_recompute_keeps_no_quantized_activation(recompute):
         torch._dynamo.reset()
         compiled = torch.compile(model, backend=backend, fullgraph=True)
         compiled(x).sum().backward()
-    kept = [t for t in saved if "lsq_fake_quant" in t]
+    kept = [t for t in saved if "step_fake_quant" in t]
     assert len(kept) == (0 if recompute else 4)  # plain: x_hat and w_hat of both layers
     assert x.grad is not None

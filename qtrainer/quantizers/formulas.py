@@ -1,0 +1,309 @@
+"""The quantizers' math in torch, written once (ALGORITHMS.md sections 1-3).
+
+Every quantizer forward and backward that runs in torch runs these functions: the eager path
+of the quantizer modules, the CPU default and the torch fallback of the fused ops
+(:mod:`qtrainer.quantizers.ops`). The Triton kernels (:mod:`qtrainer.quantizers.kernels`)
+implement the same contracts and are compared with these functions by the tests.
+
+Conventions: ``x`` any float dtype (the math runs in fp32, outputs come back in ``x``'s dtype,
+gradients of parameters in fp32); parameters are 1-D fp32 tensors (``s``: one step size or one
+per channel along dim 0 of ``x``; ``alpha``, ``delta``: one value); ``lam`` an fp32 tensor
+``[1]``; training noise is an fp32 tensor shaped like ``x``, drawn from an int64 seed tensor
+``[1]`` by :func:`tempering_noise` / :func:`nipq_z` (so forward, recomputed forward and
+backward use the same noise without storing it). Gradient sums accumulate in fp32.
+
+Written for few passes over the tensor: comparisons go through ``aten.hardtanh_backward``
+(gradient passed strictly inside ``(lo, hi)``, 0 at and beyond the bounds, whatever the torch
+version), products and sums through ``torch.dot``, and temporaries are updated in place.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+HIST_BINS = 256
+LUT_SIZE = 1 << 16
+NOISE_CODES = {"none": 0, "error_uniform": 1, "error_gaussian": 2, "uniform_step": 3}
+SQRT3 = math.sqrt(3.0)
+_HTB = torch.ops.aten.hardtanh_backward.default
+_HTB_OUT = torch.ops.aten.hardtanh_backward.grad_input
+
+
+def step_view(s: Tensor, x: Tensor) -> Tensor:
+    """The fp32 step size shaped to broadcast against ``x``: ``[1]`` or ``[C, 1, ...]``."""
+    s = s.float()
+    if s.numel() == 1:
+        return s.reshape(1)
+    if x.dim() == 0 or x.shape[0] != s.numel():
+        raise ValueError(f"per-channel step size of {s.numel()} values does not match dim 0 of "
+                         f"a tensor shaped {tuple(x.shape)}")
+    return s.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def inside_grad(grad: Tensor, v: Tensor, lo: float, hi: float, out: Tensor | None = None) -> Tensor:
+    """``grad`` where ``lo < v < hi`` strictly, 0 at and beyond the bounds (one pass)."""
+    if out is None:
+        return _HTB(grad, v, lo, hi)
+    return _HTB_OUT(grad, v, lo, hi, grad_input=out)
+
+
+def dot_rows(a: Tensor, b: Tensor, rows: int) -> Tensor:
+    """``sum(a * b)`` in fp32: shape ``[rows]``, one sum per slice of dim 0 (or one in all)."""
+    if a.is_contiguous() and b.is_contiguous():
+        if rows == 1:
+            return torch.dot(a.view(-1), b.view(-1)).reshape(1)
+        return torch.bmm(a.view(rows, 1, -1), b.view(rows, -1, 1)).reshape(rows)
+    p = a * b
+    return p.sum().reshape(1) if rows == 1 else p.reshape(rows, -1).sum(1)
+
+
+# -- noise from a seed -------------------------------------------------------------------------
+# numpy's SFC64 bit generator seeded by the seed (several times faster than torch's CPU
+# generator); words become floats by setting the exponent bits (a float in [1, 2) with 23
+# random mantissa bits) instead of integer-to-float conversions.
+
+def _words(seed: Tensor, n: int) -> np.ndarray:
+    """``n`` random uint32 words from ``seed`` (a fresh, writable array)."""
+    rng = np.random.SFC64(int(seed.reshape(-1)[0]))
+    return rng.random_raw((n + 1) // 2).view(np.uint32)[:n]
+
+
+def _one_to_two(words: np.ndarray, shift: int = 0) -> np.ndarray:
+    """In place: the float32 ``1 + m / 2^23`` with ``m`` the low ``23 - shift`` bits of each
+    word, shifted up by ``shift`` (so ``1 + m' 2^(shift - 23)``); returned as a float32 view."""
+    words &= 0x7FFFFF >> shift
+    if shift:
+        words <<= shift
+    words |= 0x3F800000
+    return words.view(np.float32)
+
+
+def _like(flat: Tensor, like: Tensor) -> Tensor:
+    """A flat tensor of ``like.numel()`` values laid out like ``like`` (storage order for a
+    dense ``like``: contiguous, channels_last), on ``like``'s device."""
+    dense = like.is_contiguous() or _dense(like)
+    t = flat.as_strided(like.shape, like.stride()) if dense else flat.view(like.shape)
+    return t.to(like.device)
+
+
+def _dense(t: Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) if t.dim() == 4 else (
+        t.is_contiguous(memory_format=torch.channels_last_3d) if t.dim() == 5 else False)
+
+
+def uniform(seed: Tensor, like: Tensor, bound: float) -> Tensor:
+    """``U(-bound, bound)`` shaped like ``like``, fp32: ``(f - 3/2) * 2 bound`` on a grid of
+    ``2^-23`` of the width (never ``bound``)."""
+    f = torch.from_numpy(_one_to_two(_words(seed, like.numel())))
+    return _like(f, like).sub_(1.5).mul_(2.0 * bound)
+
+
+def gaussian(seed: Tensor, like: Tensor) -> Tensor:
+    """``N(0, 1)`` shaped like ``like`` (Box-Muller on pairs of uniforms), fp32."""
+    n = like.numel()
+    m = (n + 1) // 2
+    f = torch.from_numpy(_one_to_two(_words(seed, 2 * m)))
+    u1 = f[:m].neg().add_(2.0)  # (0, 1]
+    theta = f[m:].sub(1.0).mul_(2 * math.pi)
+    rad = u1.log_().mul_(-2.0).sqrt_()
+    return torch.cat([rad * theta.cos(), rad * theta.sin()])[:n].view(like.shape).to(like.device)
+
+
+def tempering_noise(noise: int, seed: Tensor, like: Tensor) -> Tensor:
+    """Tempering's noise for code ``noise`` (``NOISE_CODES``): ``xi`` zero mean, unit variance
+    (1: ``U(-sqrt 3, sqrt 3)``, 2: ``N(0, 1)``) or 3: ``u ~ U(-1/2, 1/2)``; fp32."""
+    if noise == NOISE_CODES["error_gaussian"]:
+        return gaussian(seed, like)
+    return uniform(seed, like, 0.5 if noise == NOISE_CODES["uniform_step"] else SQRT3)
+
+
+def nipq_z(seed: Tensor, lut: Tensor | None, like: Tensor) -> Tensor:
+    """NIPQ's noise in units of ``delta``, in ``[-1/2, 1/2)``, fp32 shaped like ``like``:
+    uniform when ``lut`` is None, else a bin by inverse-CDF sampling through the lookup table
+    (the high 16 bits of a word pick one of ``LUT_SIZE`` equal-probability cells) and uniform
+    inside the bin (the low 16 bits ``k``): ``z = bin / 256 - 1/2 + k / 2^24``, exact."""
+    if lut is None:
+        return uniform(seed, like, 0.5)
+    words = _words(seed, like.numel())
+    pick = torch.from_numpy((words >> 16).view(np.int32))
+    table = lut.to(pick.device).float().mul_(1.0 / HIST_BINS).sub_(0.5)
+    z = table.index_select(0, pick)
+    inside = torch.from_numpy(_one_to_two(words, shift=7))  # 1 + k / 2^16
+    return _like(z.add_(inside.sub_(1.0).mul_(1.0 / HIST_BINS)), like)
+
+
+# -- step-size fake quantization (LSQ, noise tempering) ------------------------------------
+
+def step_codes(x: Tensor, sv: Tensor, q_n: int, q_p: int) -> Tensor:
+    """The integer codes ``round(clip(x / s, -Q_N, Q_P))`` (fp32) for a step size ``sv``
+    already shaped to broadcast against ``x``."""
+    return torch.div(x, sv).clamp_(-q_n, q_p).round_()
+
+
+def step_forward(x: Tensor, s: Tensor, q_n: int, q_p: int, lam: Tensor | None, noise: int,
+                 xi: Tensor | None, keep_clip: bool = False):
+    """``q = round(clip(x / s, -Q_N, Q_P)) * s``, plus tempering noise ``xi`` (fp32, shaped
+    like ``x``) for noise code ``noise``: ``q + ((q - clip * s) xi) lam`` (error-aware) or
+    ``q + xi (lam s)`` (``uniform_step``). Returns ``x``'s dtype (``xi`` is not modified);
+    with ``keep_clip`` also ``clip(x / s, -Q_N, Q_P)`` for :func:`step_backward`."""
+    sv = step_view(s, x)
+    if not (noise or keep_clip):
+        return step_codes(x, sv, q_n, q_p).mul_(sv).to(x.dtype)
+    c = torch.div(x, sv).clamp_(-q_n, q_p)
+    q = torch.round(c).mul_(sv)
+    if noise == NOISE_CODES["uniform_step"]:
+        q.add_(xi * (lam * sv))
+    elif noise:
+        err = torch.mul(c, sv) if keep_clip else c.mul_(sv)
+        q.add_(torch.sub(q, err, out=err).mul_(xi).mul_(lam))
+    return (q.to(x.dtype), c) if keep_clip else q.to(x.dtype)
+
+
+def step_backward(grad: Tensor, x: Tensor, s: Tensor, q_n: int, q_p: int, g: float,
+                  lam: Tensor | None, noise: int, xi: Tensor | None, need_x: bool,
+                  need_s: bool, clip: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """``(grad_x in x's dtype, grad_s fp32 shaped like s)``, None where not needed.
+
+    ``grad_x = grad`` where ``-Q_N < x/s < Q_P``, else 0. ``grad_s = g * sum(grad * t)`` with
+    ``t = round(x/s) - x/s`` inside, ``-Q_N``/``Q_P`` at and beyond the bounds (that is
+    ``round(c) - [inside] c`` for ``c = clip(x/s)``), plus the noise terms
+    ``lam xi (round(x/s) - x/s)`` inside (error-aware) or ``lam u`` (``uniform_step``). Each
+    sum is an fp32 dot product of exactly computed per-element terms. ``clip``: ``c`` from
+    :func:`step_forward` (``keep_clip``), else computed; ``xi`` and ``clip`` are consumed.
+    """
+    sv = step_view(s, x)
+    c = torch.div(x, sv).clamp_(-q_n, q_p) if clip is None else clip
+    gf = grad.float()
+    gx = inside_grad(gf, c, -q_n, q_p)
+    gs = None
+    if need_s:
+        rows = s.numel()
+        term = torch.round(c)
+        if noise == NOISE_CODES["uniform_step"]:
+            noise_sum = dot_rows(gf, xi, rows)
+        elif noise:  # frac = round(c) - c is 0 at and beyond the bounds
+            noise_sum = dot_rows(gf, xi.mul_(torch.sub(term, c)), rows)
+        term.sub_(inside_grad(c, c, -q_n, q_p, out=c))
+        gs = dot_rows(gf, term, rows)
+        if noise:
+            gs += lam * noise_sum
+        gs = (gs * g).reshape(s.shape)
+    return (gx.to(x.dtype) if need_x else None), gs
+
+
+# -- NIPQ ------------------------------------------------------------------------------------
+
+def _bounds(alpha: Tensor, signed: bool) -> tuple[float, float]:
+    """``(lo, alpha)`` as Python floats (read on the host)."""
+    a = float(alpha.reshape(-1)[0])
+    return (-a if signed else 0.0), a
+
+
+def nipq_error_bins(x: Tensor, alpha: Tensor, delta: Tensor, signed: bool) -> Tensor:
+    """Per element, 1 + the histogram bin (of ``HIST_BINS`` over ``[-1/2, 1/2]``) of the
+    rounding error ``e = round(x/delta) - x/delta`` for ``lo < x < alpha``, 0 elsewhere
+    (int32). Bin of ``e``: ``min(trunc(fl(256 e + 129)), 256) - 1`` (``fl``: fp32
+    rounding)."""
+    lo, hi = _bounds(alpha, signed)
+    xf = x.float()
+    r = torch.div(xf, delta.float().reshape(1))
+    v = torch.round(r).sub_(r).mul_(HIST_BINS).add_(HIST_BINS // 2 + 1)  # in [1, 257]
+    v = inside_grad(v, xf, lo, hi, out=v)
+    return v.to(torch.int32).clamp_(0, HIST_BINS)  # NaN inputs land in the dropped 0
+
+
+def nipq_lut(bins: Tensor) -> Tensor:
+    """Lookup table (uint8, ``LUT_SIZE`` cells of equal probability, each holding a bin) that
+    samples the histogram of :func:`nipq_error_bins`' ``bins``: cell ``j`` holds the number
+    of bins whose cumulative count ``C`` satisfies ``2 L C <= (2 j + 1) N`` (exact integers;
+    ``N`` the count, ``L = LUT_SIZE``). An empty histogram gives equal bins."""
+    hist = torch.bincount(bins.reshape(-1), minlength=HIST_BINS + 1)[1:]
+    cum = hist.cumsum(0)
+    total = cum[-1]
+    grid = torch.arange(LUT_SIZE, device=bins.device)
+    cnt = torch.searchsorted(cum * (2 * LUT_SIZE), (2 * grid + 1) * total, right=True)
+    cnt = torch.where(total > 0, cnt.clamp_(max=HIST_BINS - 1), grid // (LUT_SIZE // HIST_BINS))
+    return cnt.to(torch.uint8)
+
+
+def nipq_noise_forward(x: Tensor, alpha: Tensor, delta: Tensor, z: Tensor, signed: bool,
+                       keep_clip: bool = False):
+    """``alpha`` where ``x >= alpha``, ``lo`` where ``x <= lo``, else ``x + z * delta`` (``z``
+    fp32 shaped like ``x``, not modified); with ``keep_clip`` also ``clip(x, lo, alpha)`` for
+    :func:`nipq_noise_backward`."""
+    lo, hi = _bounds(alpha, signed)
+    xf = x.float()
+    noise = inside_grad(z, xf, lo, hi).mul_(delta.float().reshape(1))
+    clipped = torch.clamp(xf, lo, hi)
+    if keep_clip:
+        return torch.add(clipped, noise, out=noise).to(x.dtype), clipped
+    return clipped.add_(noise).to(x.dtype)
+
+
+def nipq_noise_backward(grad: Tensor, x: Tensor, alpha: Tensor, z: Tensor | None, signed: bool,
+                        need_x: bool, need_params: bool,
+                        clip: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """``(grad_x, grad_params)``: ``grad_x = grad`` where ``lo < x < alpha``; ``grad_params``
+    fp32 ``[2]``: the direct ``alpha`` gradient (``+sum(grad)`` at and above ``alpha``,
+    ``-sum(grad)`` at and below ``-alpha`` when signed) and the ``delta`` gradient
+    ``sum(grad * z)`` inside. ``clip``: ``clip(x, lo, alpha)`` from the forward, consumed."""
+    lo, hi = _bounds(alpha, signed)
+    xf, gf = x.float(), grad.float()
+    gx = inside_grad(gf, xf, lo, hi)
+    gp = None
+    if need_params:
+        # at and beyond the bounds clip(x) / alpha is exactly 1, -1 or 0 (unsigned)
+        side = (torch.clamp(xf, lo, hi) if clip is None else clip).div_(hi)
+        g_alpha = dot_rows(torch.sub(gf, gx), side, 1)
+        gp = torch.cat([g_alpha, dot_rows(gx, z, 1)])
+    return (gx.to(x.dtype) if need_x else None), gp
+
+
+def nipq_hard_codes(x: Tensor, alpha: Tensor, n: int, signed: bool) -> Tensor:
+    """The integer codes ``round(n * clip(x / alpha, lo, 1))`` (fp32), ``lo = -1`` signed,
+    else 0; the step is ``alpha / n``."""
+    c = torch.div(x, alpha.float().reshape(1)).clamp_(-1.0 if signed else 0.0, 1.0)
+    return c.mul_(n).round_()
+
+
+def nipq_hard_forward(x: Tensor, alpha: Tensor, n: int, signed: bool, keep_clip: bool = False):
+    """``(alpha / n) * round(n * clip(x / alpha, lo, 1))``; with ``keep_clip`` also
+    ``clip(x / alpha, lo, 1)`` for :func:`nipq_hard_backward`."""
+    step = alpha.float().reshape(1) / n
+    if not keep_clip:
+        return nipq_hard_codes(x, alpha, n, signed).mul_(step).to(x.dtype)
+    c = torch.div(x, alpha.float().reshape(1)).clamp_(-1.0 if signed else 0.0, 1.0)
+    return torch.mul(c, n).round_().mul_(step).to(x.dtype), c
+
+
+def nipq_hard_backward(grad: Tensor, x: Tensor, alpha: Tensor, n: int, signed: bool,
+                       need_x: bool, need_alpha: bool,
+                       clip: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """``(grad_x, grad_alpha fp32 [1])``: ``grad_x = grad`` strictly inside ``(lo, 1)`` of
+    ``x / alpha``, 0 at and beyond the bounds; ``d/d alpha = (Q(x) - x) / alpha`` inside,
+    ``+1`` at and above ``alpha``, ``-1`` at and below ``-alpha`` (signed; 0 unsigned): per
+    element ``round(n c) / n - [inside] c`` for ``c = clip(x / alpha, lo, 1)``, summed as
+    ``sum(grad (round(n c) - n c)) / n + sum((grad - grad_x) c)`` (exact terms, fp32 dots).
+    ``clip``: ``c`` from the forward, consumed."""
+    lo = -1.0 if signed else 0.0
+    c = torch.div(x, alpha.float().reshape(1)).clamp_(lo, 1.0) if clip is None else clip
+    gf = grad.float()
+    gx = inside_grad(gf, c, lo, 1.0)
+    ga = None
+    if need_alpha:
+        nc = c * n
+        frac = torch.round(nc).sub_(nc)  # 0 at the bounds, where n c is an integer
+        ga = dot_rows(gf, frac, 1) / n + dot_rows(torch.sub(gf, gx, out=frac), c, 1)
+    return (gx.to(x.dtype) if need_x else None), ga
+
+
+__all__ = [
+    "HIST_BINS", "LUT_SIZE", "NOISE_CODES", "dot_rows", "gaussian", "inside_grad",
+    "nipq_error_bins", "nipq_hard_backward", "nipq_hard_codes", "nipq_hard_forward", "nipq_lut",
+    "nipq_noise_backward", "nipq_noise_forward", "nipq_z", "step_backward",
+    "step_codes", "step_forward", "step_view", "tempering_noise", "uniform",
+]
