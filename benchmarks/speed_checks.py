@@ -82,15 +82,16 @@ def run_checks(device, big: bool) -> list[dict]:
         w = torch.randn(x.shape, generator=gen).to(device)
         y, gx, g = run(q, x, w, "on", seed=5)
         s, lam_t, seed = q.step.detach(), torch.tensor([lam], device=device), _seed(x, 5)
-        xi = (kernels.step().forward(x, s, 4, 3, lam_t, code, seed, return_noise=True)[1]
-              if triton else formulas.tempering_noise(code, seed, x))
+        xil = (lam_t * kernels.step().forward(x, s, 4, 3, lam_t, code, seed,
+                                              return_noise=True)[1]
+               if triton else formulas.tempering_noise(code, seed, x, lam_t))
         c = torch.clamp(x / s, -4, 3)
-        qv = torch.round(c) * s
-        expected = qv + xi * (lam_t * s) if code == 3 else qv + ((qv - c * s) * xi) * lam_t
+        codes = torch.round(c)
+        expected = (codes + xil) * s if code == 3 else (codes + (codes - c) * xil) * s
         record(f"tempering {noise}/{dist}", forward_bit_identical=cf.same_bits(y, expected),
                grad_x_exact=cf.same_bits(gx.cpu(), cf.lsq_grad_x(x, s, 4, 3, w).cpu()),
                grad_s_within_fp32=_bounded(g["step"], cf.lsq_step_terms(
-                   x, s, 4, 3, w, lam, xi, noise), scale=q.grad_scale_value(x)))
+                   x, s, 4, 3, w, 1.0, xil, noise), scale=q.grad_scale_value(x)))
     sig = torch.sigmoid(torch.tensor(1.3)).item()
     for signed in (True, False):  # NIPQ noise phase
         for noise in ("uniform", "histogram"):

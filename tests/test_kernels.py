@@ -114,10 +114,11 @@ def test_lsq_special_values(backend, signed):
 # -- step contract with tempering noise ------------------------------------------------------
 
 def drawn_noise(backend, code, seed, x, s, lam):
-    """The noise the op draws from ``seed``: the kernel's debug output or the torch stream."""
+    """``lambda * xi`` as the op draws it from ``seed``: the kernel's debug output times
+    ``lam``, or the torch stream."""
     if backend == "triton":
-        return kernels.step().forward(x, s, 4, 3, lam, code, seed, return_noise=True)[1]
-    return formulas.tempering_noise(code, seed, x)
+        return lam * kernels.step().forward(x, s, 4, 3, lam, code, seed, return_noise=True)[1]
+    return formulas.tempering_noise(code, seed, x, lam)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -140,14 +141,15 @@ def test_tempering_noise_from_seed_matches_closed_form(backend, noise, dist, cod
     assert not torch.equal(y, y_other)
 
     s, lam_t = q.step.detach(), torch.tensor([lam])
-    xi = drawn_noise(backend, code, drawn_seed(x, 5), x, s, lam_t)
+    xil = drawn_noise(backend, code, drawn_seed(x, 5), x, s, lam_t)  # lambda * xi
     c = torch.clamp(x / s, -q_n, q_p)
-    q_val = torch.round(c) * s
-    expected = (q_val + xi * (lam_t * s) if noise == "uniform_step"
-                else q_val + ((q_val - c * s) * xi) * lam_t)
+    codes = torch.round(c)
+    # q + lambda s u, q + lambda xi (q - c s): as s (code + ...), evaluated in this order
+    expected = ((codes + xil) * s if noise == "uniform_step"
+                else (codes + (codes - c) * xil) * s)
     assert same_bits(y, expected)
     assert same_bits(gx, lsq_grad_x(x, s, q_n, q_p, w))
-    terms = lsq_step_terms(x, s, q_n, q_p, w, lam, xi, noise)
+    terms = lsq_step_terms(x, s, q_n, q_p, w, 1.0, xil, noise)
     assert_fp32_sum(grads["step"], terms, scale=q.grad_scale_value(x))
 
 

@@ -12,10 +12,11 @@ from qtrainer.quantizers import LSQQuantizer, TemperingQuantizer, formulas, ops
 from qtrainer.schedules import ExponentialDecay
 
 
-def _noise(q, x, seed=None):
-    """The noise ``q`` draws for ``x`` (from ``Generator().manual_seed(seed)`` when given)."""
+def _noise(q, x, seed=None, lam=None):
+    """The noise ``q`` draws for ``x`` (from ``Generator().manual_seed(seed)`` when given),
+    scaled by ``lam`` as the quantizer uses it when given."""
     gen = None if seed is None else torch.Generator().manual_seed(seed)
-    return formulas.tempering_noise(q.noise_code, ops.draw_seed(x, gen), x)
+    return formulas.tempering_noise(q.noise_code, ops.draw_seed(x, gen), x, lam)
 
 
 def _pair(bits=3, signed=True, **kw):
@@ -52,14 +53,14 @@ def test_error_noise_output_and_gradients():
     y = q(v)
     (y * w).sum().backward()
 
-    xi = _noise(q, v.detach(), seed=7)
+    xil = _noise(q, v.detach(), seed=7, lam=torch.tensor([lam]))  # lambda * xi
     s, q_n, q_p = torch.tensor([0.21]), 4, 3
     c = torch.clamp(v.detach() / s, -q_n, q_p)
-    q_val = torch.round(c) * s
-    # y = q + ((q - clip * s) * xi) * lam, evaluated in this order in fp32
-    assert same_bits(y.detach(), q_val + ((q_val - c * s) * xi) * torch.tensor([lam]))
+    code = torch.round(c)
+    # y = q + lambda xi e = s (code + (code - c) lambda xi), evaluated in this order in fp32
+    assert same_bits(y.detach(), (code + (code - c) * xil) * s)
     assert same_bits(v.grad, lsq_grad_x(v.detach(), s, q_n, q_p, w))
-    terms = lsq_step_terms(v.detach(), s, q_n, q_p, w, lam, xi, "error")
+    terms = lsq_step_terms(v.detach(), s, q_n, q_p, w, 1.0, xil, "error")
     assert_fp32_sum(q.step.grad, terms, scale=1 / math.sqrt(v.numel() * q_p))
     # noise statistics: zero mean, unit variance (uniform on +-sqrt 3)
     big = _noise(q, torch.empty(200_000))

@@ -63,13 +63,14 @@ def dot_rows(a: Tensor, b: Tensor, rows: int) -> Tensor:
 
 # -- noise from a seed -------------------------------------------------------------------------
 # numpy's SFC64 bit generator seeded by the seed (several times faster than torch's CPU
-# generator); words become floats by setting the exponent bits (a float in [1, 2) with 23
-# random mantissa bits) instead of integer-to-float conversions.
+# generator). Uniform noise takes 16 random bits per element (a grid of 2^-16 of the range);
+# histogram and gaussian noise take 32 (words become floats by setting exponent bits).
 
-def _words(seed: Tensor, n: int) -> np.ndarray:
-    """``n`` random uint32 words from ``seed`` (a fresh, writable array)."""
+def _words(seed: Tensor, n: int, dtype=np.uint32) -> np.ndarray:
+    """``n`` random words (``dtype``: uint32 or int16) from ``seed`` (a fresh array)."""
+    per_raw = 8 // np.dtype(dtype).itemsize
     rng = np.random.SFC64(int(seed.reshape(-1)[0]))
-    return rng.random_raw((n + 1) // 2).view(np.uint32)[:n]
+    return rng.random_raw((n + per_raw - 1) // per_raw).view(dtype)[:n]
 
 
 def _one_to_two(words: np.ndarray, shift: int = 0) -> np.ndarray:
@@ -95,11 +96,12 @@ def _dense(t: Tensor) -> bool:
         t.is_contiguous(memory_format=torch.channels_last_3d) if t.dim() == 5 else False)
 
 
-def uniform(seed: Tensor, like: Tensor, bound: float) -> Tensor:
-    """``U(-bound, bound)`` shaped like ``like``, fp32: ``(f - 3/2) * 2 bound`` on a grid of
-    ``2^-23`` of the width (never ``bound``)."""
-    f = torch.from_numpy(_one_to_two(_words(seed, like.numel())))
-    return _like(f, like).sub_(1.5).mul_(2.0 * bound)
+def uniform(seed: Tensor, like: Tensor, width) -> Tensor:
+    """Uniform noise on ``(-width/2, width/2)`` shaped like ``like``, fp32: ``(k + 1/2) *
+    (width / 2^16)`` for ``k`` a random int16 (65536 values, symmetric around 0). ``width``: a
+    float, or a ``[1]`` tensor (a scale folded into the one multiplication)."""
+    k_half = np.add(_words(seed, like.numel(), np.int16), np.float32(0.5), dtype=np.float32)
+    return _like(torch.from_numpy(k_half), like).mul_(width * 2.0**-16)
 
 
 def gaussian(seed: Tensor, like: Tensor) -> Tensor:
@@ -113,27 +115,33 @@ def gaussian(seed: Tensor, like: Tensor) -> Tensor:
     return torch.cat([rad * theta.cos(), rad * theta.sin()])[:n].view(like.shape).to(like.device)
 
 
-def tempering_noise(noise: int, seed: Tensor, like: Tensor) -> Tensor:
+def tempering_noise(noise: int, seed: Tensor, like: Tensor, lam: Tensor | None = None) -> Tensor:
     """Tempering's noise for code ``noise`` (``NOISE_CODES``): ``xi`` zero mean, unit variance
-    (1: ``U(-sqrt 3, sqrt 3)``, 2: ``N(0, 1)``) or 3: ``u ~ U(-1/2, 1/2)``; fp32."""
+    (1: ``U(-sqrt 3, sqrt 3)``, 2: ``N(0, 1)``) or 3: ``u ~ U(-1/2, 1/2)``; fp32. With
+    ``lam`` (fp32 ``[1]``): ``lam * xi`` (for uniform noise scaled in the one multiplication
+    that maps the random integers, so not always ``lam`` times the unscaled draw)."""
     if noise == NOISE_CODES["error_gaussian"]:
-        return gaussian(seed, like)
-    return uniform(seed, like, 0.5 if noise == NOISE_CODES["uniform_step"] else SQRT3)
+        xi = gaussian(seed, like)
+        return xi if lam is None else xi.mul_(lam)
+    width = 1.0 if noise == NOISE_CODES["uniform_step"] else 2 * SQRT3
+    return uniform(seed, like, width if lam is None else lam * width)
 
 
-def nipq_z(seed: Tensor, lut: Tensor | None, like: Tensor) -> Tensor:
+def nipq_z(seed: Tensor, lut: Tensor | None, like: Tensor, delta: Tensor | None = None) -> Tensor:
     """NIPQ's noise in units of ``delta``, in ``[-1/2, 1/2)``, fp32 shaped like ``like``:
     uniform when ``lut`` is None, else a bin by inverse-CDF sampling through the lookup table
-    (the high 16 bits of a word pick one of ``LUT_SIZE`` equal-probability cells) and uniform
-    inside the bin (the low 16 bits ``k``): ``z = bin / 256 - 1/2 + k / 2^24``, exact."""
+    (a random 16-bit ``j`` picks one of ``LUT_SIZE`` equal-probability cells) and uniform
+    inside the bin (a second 16-bit ``k``): ``z = bin / 256 - 1/2 + k / 2^24``, exact. With
+    ``delta`` (``[1]``): ``z * delta`` (bit for bit the product)."""
     if lut is None:
-        return uniform(seed, like, 0.5)
-    words = _words(seed, like.numel())
-    pick = torch.from_numpy((words >> 16).view(np.int32))
-    table = lut.to(pick.device).float().mul_(1.0 / HIST_BINS).sub_(0.5)
-    z = table.index_select(0, pick)
-    inside = torch.from_numpy(_one_to_two(words, shift=7))  # 1 + k / 2^16
-    return _like(z.add_(inside.sub_(1.0).mul_(1.0 / HIST_BINS)), like)
+        return uniform(seed, like, 1.0 if delta is None else delta.float().reshape(1))
+    n = like.numel()
+    halves = _words(seed, 2 * n, np.int16)  # j, then k - 2^15 (contiguous halves)
+    pick = torch.from_numpy(halves[:n].view(np.uint16).astype(np.int32))
+    # bin / 256 - 1/2 + 2^-9, plus (k - 2^15) / 2^24: the same z, one exact addition
+    table = lut.to(pick.device).float().mul_(1.0 / HIST_BINS).sub_(0.5 - 2.0**-9)
+    z = table.index_select(0, pick).add_(torch.from_numpy(halves[n:]), alpha=2.0**-24)
+    return _like(z if delta is None else z.mul_(delta.float().reshape(1).cpu()), like)
 
 
 # -- step-size fake quantization (LSQ, noise tempering) ------------------------------------
@@ -144,36 +152,40 @@ def step_codes(x: Tensor, sv: Tensor, q_n: int, q_p: int) -> Tensor:
     return torch.div(x, sv).clamp_(-q_n, q_p).round_()
 
 
-def step_forward(x: Tensor, s: Tensor, q_n: int, q_p: int, lam: Tensor | None, noise: int,
-                 xi: Tensor | None, keep_clip: bool = False):
-    """``q = round(clip(x / s, -Q_N, Q_P)) * s``, plus tempering noise ``xi`` (fp32, shaped
-    like ``x``) for noise code ``noise``: ``q + ((q - clip * s) xi) lam`` (error-aware) or
-    ``q + xi (lam s)`` (``uniform_step``). Returns ``x``'s dtype (``xi`` is not modified);
-    with ``keep_clip`` also ``clip(x / s, -Q_N, Q_P)`` for :func:`step_backward`."""
+def step_forward(x: Tensor, s: Tensor, q_n: int, q_p: int, noise: int, xil: Tensor | None,
+                 keep_clip: bool = False):
+    """``q = round(clip(x / s, -Q_N, Q_P)) * s``; with tempering noise ``xil = lambda * xi``
+    (fp32, shaped like ``x``, from :func:`tempering_noise`) for noise code ``noise``:
+    ``(code + (code - c) xil) * s`` (error-aware: ``q + lambda xi e`` with ``e = q - c s``)
+    or ``(code + xil) * s`` (``uniform_step``: ``q + lambda s u``), ``code = round(c)``,
+    ``c = clip(x / s)``. Returns ``x``'s dtype (``xil`` is not modified); with ``keep_clip``
+    also ``c`` for :func:`step_backward`."""
     sv = step_view(s, x)
     if not (noise or keep_clip):
         return step_codes(x, sv, q_n, q_p).mul_(sv).to(x.dtype)
     c = torch.div(x, sv).clamp_(-q_n, q_p)
-    q = torch.round(c).mul_(sv)
+    code = torch.round(c)
     if noise == NOISE_CODES["uniform_step"]:
-        q.add_(xi * (lam * sv))
+        code.add_(xil)
     elif noise:
-        err = torch.mul(c, sv) if keep_clip else c.mul_(sv)
-        q.add_(torch.sub(q, err, out=err).mul_(xi).mul_(lam))
-    return (q.to(x.dtype), c) if keep_clip else q.to(x.dtype)
+        frac = torch.sub(code, c) if keep_clip else torch.sub(code, c, out=c)
+        code.add_(frac.mul_(xil))
+    y = code.mul_(sv).to(x.dtype)
+    return (y, c) if keep_clip else y
 
 
 def step_backward(grad: Tensor, x: Tensor, s: Tensor, q_n: int, q_p: int, g: float,
-                  lam: Tensor | None, noise: int, xi: Tensor | None, need_x: bool,
-                  need_s: bool, clip: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+                  noise: int, xil: Tensor | None, need_x: bool, need_s: bool,
+                  clip: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
     """``(grad_x in x's dtype, grad_s fp32 shaped like s)``, None where not needed.
 
     ``grad_x = grad`` where ``-Q_N < x/s < Q_P``, else 0. ``grad_s = g * sum(grad * t)`` with
     ``t = round(x/s) - x/s`` inside, ``-Q_N``/``Q_P`` at and beyond the bounds (that is
     ``round(c) - [inside] c`` for ``c = clip(x/s)``), plus the noise terms
-    ``lam xi (round(x/s) - x/s)`` inside (error-aware) or ``lam u`` (``uniform_step``). Each
-    sum is an fp32 dot product of exactly computed per-element terms. ``clip``: ``c`` from
-    :func:`step_forward` (``keep_clip``), else computed; ``xi`` and ``clip`` are consumed.
+    ``lambda xi (round(x/s) - x/s)`` inside (error-aware) or ``lambda u`` (``uniform_step``),
+    ``xil = lambda * xi`` as in :func:`step_forward`. Each sum is an fp32 dot product of
+    exactly computed per-element terms. ``clip``: ``c`` from :func:`step_forward`
+    (``keep_clip``), else computed; ``xil`` and ``clip`` are consumed.
     """
     sv = step_view(s, x)
     c = torch.div(x, sv).clamp_(-q_n, q_p) if clip is None else clip
@@ -182,15 +194,12 @@ def step_backward(grad: Tensor, x: Tensor, s: Tensor, q_n: int, q_p: int, g: flo
     gs = None
     if need_s:
         rows = s.numel()
-        term = torch.round(c)
-        if noise == NOISE_CODES["uniform_step"]:
-            noise_sum = dot_rows(gf, xi, rows)
-        elif noise:  # frac = round(c) - c is 0 at and beyond the bounds
-            noise_sum = dot_rows(gf, xi.mul_(torch.sub(term, c)), rows)
-        term.sub_(inside_grad(c, c, -q_n, q_p, out=c))
+        term = torch.round(c).sub_(inside_grad(c, c, -q_n, q_p, out=c))
         gs = dot_rows(gf, term, rows)
-        if noise:
-            gs += lam * noise_sum
+        if noise == NOISE_CODES["uniform_step"]:
+            gs += dot_rows(gf, xil, rows)
+        elif noise:  # inside, term is round(c) - c; outside, grad_x is 0
+            gs += dot_rows(xil.mul_(gx), term, rows)
         gs = (gs * g).reshape(s.shape)
     return (gx.to(x.dtype) if need_x else None), gs
 
@@ -230,27 +239,28 @@ def nipq_lut(bins: Tensor) -> Tensor:
     return cnt.to(torch.uint8)
 
 
-def nipq_noise_forward(x: Tensor, alpha: Tensor, delta: Tensor, z: Tensor, signed: bool,
+def nipq_noise_forward(x: Tensor, alpha: Tensor, zd: Tensor, signed: bool,
                        keep_clip: bool = False):
-    """``alpha`` where ``x >= alpha``, ``lo`` where ``x <= lo``, else ``x + z * delta`` (``z``
-    fp32 shaped like ``x``, not modified); with ``keep_clip`` also ``clip(x, lo, alpha)`` for
-    :func:`nipq_noise_backward`."""
+    """``alpha`` where ``x >= alpha``, ``lo`` where ``x <= lo``, else ``x + zd`` with ``zd =
+    z * delta`` (fp32 shaped like ``x``, from :func:`nipq_z`; set to 0 outside, in place);
+    with ``keep_clip`` also ``clip(x, lo, alpha)`` for :func:`nipq_noise_backward`."""
     lo, hi = _bounds(alpha, signed)
     xf = x.float()
-    noise = inside_grad(z, xf, lo, hi).mul_(delta.float().reshape(1))
+    noise = inside_grad(zd, xf, lo, hi, out=zd)  # 0 outside: the backward's sums agree
     clipped = torch.clamp(xf, lo, hi)
     if keep_clip:
-        return torch.add(clipped, noise, out=noise).to(x.dtype), clipped
+        return torch.add(clipped, noise).to(x.dtype), clipped
     return clipped.add_(noise).to(x.dtype)
 
 
-def nipq_noise_backward(grad: Tensor, x: Tensor, alpha: Tensor, z: Tensor | None, signed: bool,
-                        need_x: bool, need_params: bool,
+def nipq_noise_backward(grad: Tensor, x: Tensor, alpha: Tensor, delta: Tensor,
+                        zd: Tensor | None, signed: bool, need_x: bool, need_params: bool,
                         clip: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
     """``(grad_x, grad_params)``: ``grad_x = grad`` where ``lo < x < alpha``; ``grad_params``
     fp32 ``[2]``: the direct ``alpha`` gradient (``+sum(grad)`` at and above ``alpha``,
     ``-sum(grad)`` at and below ``-alpha`` when signed) and the ``delta`` gradient
-    ``sum(grad * z)`` inside. ``clip``: ``clip(x, lo, alpha)`` from the forward, consumed."""
+    ``sum(grad * z)`` inside, as ``sum(grad_x * zd) / delta`` (``zd`` as drawn, or as the
+    forward left it). ``clip``: ``clip(x, lo, alpha)`` from the forward, consumed."""
     lo, hi = _bounds(alpha, signed)
     xf, gf = x.float(), grad.float()
     gx = inside_grad(gf, xf, lo, hi)
@@ -259,7 +269,7 @@ def nipq_noise_backward(grad: Tensor, x: Tensor, alpha: Tensor, z: Tensor | None
         # at and beyond the bounds clip(x) / alpha is exactly 1, -1 or 0 (unsigned)
         side = (torch.clamp(xf, lo, hi) if clip is None else clip).div_(hi)
         g_alpha = dot_rows(torch.sub(gf, gx), side, 1)
-        gp = torch.cat([g_alpha, dot_rows(gx, z, 1)])
+        gp = torch.cat([g_alpha, dot_rows(gx, zd, 1) / delta.float().reshape(1)])
     return (gx.to(x.dtype) if need_x else None), gp
 
 

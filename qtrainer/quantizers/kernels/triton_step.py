@@ -3,7 +3,8 @@ noise tempering, forward and backward, one launch each.
 
 Forward: read ``x``, write ``y``; fp32 math in the operation order of
 :func:`qtrainer.quantizers.formulas.step_forward` (IEEE division, round half to even, no fused
-multiply-add), so the output is bit-identical to the torch formula given the same noise.
+multiply-add), so the output is bit-identical to the torch formula given the same scaled noise
+``lam * xi``.
 
 Backward: read ``grad`` and ``x``, write ``grad_x`` (``grad`` where ``-Q_N < x/s < Q_P``, else
 0) and per-block fp32 partial sums of ``grad * d y / d s``, which the last block adds up and
@@ -52,17 +53,18 @@ def _step_fwd_kernel(x_ptr, s_ptr, seed_ptr, lam_ptr, y_ptr, noise_ptr, inner, l
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(s_ptr + c).to(tl.float32)
     clipped = clip(tl.math.div_rn(x, s), lo, hi)
-    q = rint(clipped) * s
+    code = rint(clipped)
     if NOISE == 0:
-        y = q
+        y = code * s
     else:
         seed = tl.load(seed_ptr)
         lam = tl.load(lam_ptr).to(tl.float32)
         xi = tempering_noise(seed, offs, NOISE)
+        xil = lam * xi
         if NOISE == 3:
-            y = q + xi * (lam * s)
+            y = (code + xil) * s
         else:
-            y = q + ((q - clipped * s) * xi) * lam
+            y = (code + (code - clipped) * xil) * s
         if WRITE_NOISE:
             tl.store(noise_ptr + offs, xi, mask=mask)
     tl.store(y_ptr + offs, to_out(y, y_ptr.dtype.element_ty), mask=mask)
@@ -97,7 +99,7 @@ def _step_bwd_kernel(g_ptr, x_ptr, s_ptr, seed_ptr, lam_ptr, gx_ptr, part_ptr, o
             if NOISE == 3:
                 term = term + lam * xi
             else:
-                term = term + lam * (xi * (code - clipped))  # 0 at and beyond the bounds
+                term = term + (lam * xi) * (code - clipped)  # 0 at and beyond the bounds
         tl.store(part_ptr + c * nblk + pid, tl.sum(tl.where(mask, grad * term, 0.0), axis=0))
         finish_sums(part_ptr, out_ptr, ticket_ptr, tl.num_programs(1), nblk, scale,
                     SUM_BLOCK=SUM_BLOCK)

@@ -46,8 +46,9 @@ def step_forward(x: Tensor, s: Tensor, seed, lam, q_n: int, q_p: int, g: float, 
                  cache: dict | None = None) -> Tensor:
     if use_triton(x):
         return kernels.step().forward(x, s, q_n, q_p, lam, noise, seed)
-    xi = _noise(cache, lambda: formulas.tempering_noise(noise, seed, x)) if noise else None
-    return _keep(cache, formulas.step_forward(x, s, q_n, q_p, lam, noise, xi,
+    xil = (_noise(cache, lambda: formulas.tempering_noise(noise, seed, x, lam.float()))
+           if noise else None)
+    return _keep(cache, formulas.step_forward(x, s, q_n, q_p, noise, xil,
                                               keep_clip=cache is not None))
 
 
@@ -56,10 +57,10 @@ def step_backward(grad: Tensor, x: Tensor, s: Tensor, seed, lam, q_n: int, q_p: 
     if use_triton(x):
         return kernels.step().backward(grad, x, s, q_n, q_p, g, lam, noise, seed, need_x,
                                        need_params)
-    xi = (_noise(cache, lambda: formulas.tempering_noise(noise, seed, x))
-          if noise and need_params else None)
-    return formulas.step_backward(grad, x, s, q_n, q_p, g, lam, noise, xi, need_x,
-                                              need_params, clip=_clip(cache))
+    xil = (_noise(cache, lambda: formulas.tempering_noise(noise, seed, x, lam.float()))
+           if noise and need_params else None)
+    return formulas.step_backward(grad, x, s, q_n, q_p, g, noise, xil, need_x, need_params,
+                                  clip=_clip(cache))
 
 
 def nipq_lut(x: Tensor, alpha: Tensor, delta: Tensor, signed: bool) -> Tensor:
@@ -72,8 +73,8 @@ def nipq_noise_forward(x: Tensor, alpha: Tensor, delta: Tensor, seed: Tensor, lu
                        signed: bool, cache: dict | None = None) -> Tensor:
     if use_triton(x):
         return kernels.nipq().noise_forward(x, alpha, delta, seed, lut, signed)
-    z = _noise(cache, lambda: formulas.nipq_z(seed, lut, x))
-    return _keep(cache, formulas.nipq_noise_forward(x, alpha, delta, z, signed,
+    zd = _noise(cache, lambda: formulas.nipq_z(seed, lut, x, delta))
+    return _keep(cache, formulas.nipq_noise_forward(x, alpha, zd, signed,
                                                     keep_clip=cache is not None))
 
 
@@ -83,9 +84,9 @@ def nipq_noise_backward(grad: Tensor, x: Tensor, alpha: Tensor, delta: Tensor, s
     if use_triton(x):
         return kernels.nipq().noise_backward(grad, x, alpha, seed, lut, signed, need_x,
                                              need_params)
-    z = _noise(cache, lambda: formulas.nipq_z(seed, lut, x)) if need_params else None
-    return formulas.nipq_noise_backward(grad, x, alpha, z, signed, need_x,
-                                                    need_params, clip=_clip(cache))
+    zd = _noise(cache, lambda: formulas.nipq_z(seed, lut, x, delta)) if need_params else None
+    return formulas.nipq_noise_backward(grad, x, alpha, delta, zd, signed, need_x,
+                                        need_params, clip=_clip(cache))
 
 
 def nipq_hard_forward(x: Tensor, alpha: Tensor, n: int, signed: bool,
@@ -100,5 +101,5 @@ def nipq_hard_backward(grad: Tensor, x: Tensor, alpha: Tensor, n: int, signed: b
                        need_x: bool, need_params: bool, cache: dict | None = None):
     if use_triton(x):
         return kernels.nipq().hard_backward(grad, x, alpha, n, signed, need_x, need_params)
-    return formulas.nipq_hard_backward(grad, x, alpha, n, signed, need_x,
-                                                   need_params, clip=_clip(cache))
+    return formulas.nipq_hard_backward(grad, x, alpha, n, signed, need_x, need_params,
+                                       clip=_clip(cache))
