@@ -116,16 +116,19 @@ def _layer_compute(x, w, b, spec, *tensors):
 
 
 def _policy(ctx, op, *args, **kwargs):
-    if op in _RECOMPUTED:
-        return CheckpointPolicy.MUST_RECOMPUTE
-    return CheckpointPolicy.PREFER_SAVE
+    """Inside a recomputing layer only the conv/linear product keeps its output; everything
+    else (the quantizers' custom ops, casts) is recomputed in backward."""
+    if op in _KEPT:
+        return CheckpointPolicy.PREFER_SAVE
+    return CheckpointPolicy.MUST_RECOMPUTE
 
 
 def _recompute_quantizers():
     return create_selective_checkpoint_contexts(_policy)
 
 
-_RECOMPUTED = (*ops.traced_ops(), torch.ops.aten._to_copy.default)
+_KEPT = (torch.ops.aten.convolution.default, torch.ops.aten.addmm.default,
+         torch.ops.aten.mm.default)
 
 
 def _plans(spec, tensors):

@@ -52,11 +52,10 @@ def inside_grad(grad: Tensor, v: Tensor, lo: float, hi: float, out: Tensor | Non
 
 
 def dot_rows(a: Tensor, b: Tensor, rows: int) -> Tensor:
-    """``sum(a * b)`` in fp32: shape ``[rows]``, one sum per slice of dim 0 (or one in all)."""
-    if a.is_contiguous() and b.is_contiguous():
-        if rows == 1:
-            return torch.dot(a.view(-1), b.view(-1)).reshape(1)
-        return torch.bmm(a.view(rows, 1, -1), b.view(rows, -1, 1)).reshape(rows)
+    """``sum(a * b)`` of fp32 tensors in fp32 (never an autocast matmul): shape ``[rows]``,
+    one sum per slice of dim 0 (per-channel weights) or one in all."""
+    if rows == 1 and a.is_contiguous() and b.is_contiguous():
+        return torch.dot(a.view(-1), b.view(-1)).reshape(1)
     p = a * b
     return p.sum().reshape(1) if rows == 1 else p.reshape(rows, -1).sum(1)
 
@@ -100,8 +99,8 @@ def uniform(seed: Tensor, like: Tensor, width) -> Tensor:
     """Uniform noise on ``(-width/2, width/2)`` shaped like ``like``, fp32: ``(k + 1/2) *
     (width / 2^16)`` for ``k`` a random int16 (65536 values, symmetric around 0). ``width``: a
     float, or a ``[1]`` tensor (a scale folded into the one multiplication)."""
-    k_half = np.add(_words(seed, like.numel(), np.int16), np.float32(0.5), dtype=np.float32)
-    return _like(torch.from_numpy(k_half), like).mul_(width * 2.0**-16)
+    k = _like(torch.from_numpy(_words(seed, like.numel(), np.int16)), like)
+    return k.float().add_(0.5).mul_(width * 2.0**-16)
 
 
 def gaussian(seed: Tensor, like: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ streams from the same seed.
 from __future__ import annotations
 
 from .contracts import (CONTRACTS, IDENTITY, Contract, Plan, apply, backward, draw_seed,
-                        nipq_lut, recompute, traced_ops, unpack)
+                        nipq_lut, recompute, unpack)
 from .custom import (nipq_hard_fake_quant, nipq_hard_fake_quant_backward, nipq_noise_fake_quant,
                      nipq_noise_fake_quant_backward, nipq_noise_lut, step_fake_quant,
                      step_fake_quant_backward)
@@ -29,5 +29,5 @@ __all__ = [
     "nipq_hard_fake_quant_backward", "nipq_lut", "nipq_noise_fake_quant",
     "nipq_noise_fake_quant_backward", "nipq_noise_lut", "options", "recompute", "set_backend",
     "set_fused",
-    "step_fake_quant", "step_fake_quant_backward", "traced_ops", "unpack", "use_triton",
+    "step_fake_quant", "step_fake_quant_backward", "unpack", "use_triton",
 ]

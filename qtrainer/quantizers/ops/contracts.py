@@ -147,11 +147,6 @@ def apply(x: Tensor, p: Plan) -> Tensor:
     return _ContractFn.apply(x, p.contract, p.consts, *p.params, *p.aux)
 
 
-def traced_ops() -> list:
-    """The forward custom ops (and the lookup-table op) as traced graphs name them."""
-    return [*(c.op._opoverload for c in CONTRACTS.values()), custom.nipq_noise_lut._opoverload]
-
-
 def _register_autograd(c: Contract) -> None:
     """Autograd of a forward custom op: save ``x`` and the tensors, call the backward op."""
     k = 1 + c.n_params + c.n_aux
@@ -180,4 +175,4 @@ for _c in CONTRACTS.values():
     _register_autograd(_c)
 
 __all__ = ["CONTRACTS", "IDENTITY", "Contract", "Plan", "apply", "backward", "draw_seed",
-           "nipq_lut", "recompute", "traced_ops", "unpack"]
+           "nipq_lut", "recompute", "unpack"]
