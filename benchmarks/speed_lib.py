@@ -289,7 +289,8 @@ def _launches_main(variants: list[str]) -> None:
         calls.clear()
         with ops.options(backend="triton"):
             step()
-        out[variant] = {"launches": len(calls), "quantizers": sum(1 for _ in named_quantizers(model))}
+        out[variant] = {"launches": len(calls),
+                        "quantizers": sum(1 for _ in named_quantizers(model))}
     print(json.dumps(out))
 
 

@@ -87,7 +87,8 @@ def test_default_path_equals_the_plain_reference(method):
     layer, x = _layer("conv", method)
     w = torch.randn(layer(x).shape)
     layer.recompute = None
-    _same_results(run(layer, x, w, "off", "torch", seed=5), run(layer, x, w, "auto", "auto", seed=5))
+    _same_results(run(layer, x, w, "off", "torch", seed=5),
+                  run(layer, x, w, "auto", "auto", seed=5))
 
 
 @pytest.mark.parametrize("make", [
