@@ -28,8 +28,8 @@ class QuantizedLayer:
     act_numel: int = 0
     macs: int = 0
     # Backward recomputes the quantized input and weight instead of keeping them alive (see
-    # qtrainer/recompute.py): None = auto (on where the fused kernels run: CUDA with Triton),
-    # True = always, False = never. Same outputs and gradients either way.
+    # qtrainer/recompute.py): None = auto (on wherever the fused ops are enabled: every device
+    # unless QTRAINER_FUSED=off), True = always, False = never. Same outputs and gradients.
     recompute: bool | None = None
 
     @classmethod

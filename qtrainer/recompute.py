@@ -12,10 +12,12 @@ gradients equal its gradients (the same ops on the same values).
 Autocast: the quantization math stays fp32 (output in ``x``'s dtype, weights fp32) and the layer
 runs in the autocast dtype, as in the plain layer.
 
-Used by :class:`qtrainer.nn.QuantizedLayer` subclasses according to their ``recompute``
-attribute: ``None`` (default) recomputes where the fused kernels run (CUDA with Triton, or
-``QTRAINER_FUSED=on``), ``True`` always (through the ops' torch implementation on CPU), ``False``
-never. :func:`set_recompute` sets it on every quantized layer of a model.
+Used by quantized layers (:class:`qtrainer.nn.QuantizedLayer`; any module with ``weight``,
+``weight_quantizer``, ``input_quantizer`` and a ``recompute`` attribute) according to
+``recompute``: ``None`` (default) recomputes wherever the fused ops are enabled (every device
+unless ``QTRAINER_FUSED=off``), ``True`` always, ``False`` never. Both quantizers must have a
+fused plan (:meth:`qtrainer.quantizers.Quantizer.has_fused_plan`), else the plain layer runs.
+:func:`set_recompute` sets the attribute on every quantized layer of a model.
 """
 
 from __future__ import annotations
@@ -32,14 +34,13 @@ _CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def set_recompute(model: nn.Module, flag: bool | None) -> int:
-    """Set ``recompute`` (None = auto, True, False) on every quantized layer; returns how many."""
-    from .nn import QuantizedLayer
-
+    """Set ``recompute`` (None = auto, True, False) on every quantized layer (a module with
+    ``weight_quantizer``, ``input_quantizer`` and ``recompute`` attributes); returns how many."""
     if flag is not None and not isinstance(flag, bool):
         raise ValueError(f"recompute={flag!r} must be None (auto), True or False")
     count = 0
     for module in model.modules():
-        if isinstance(module, QuantizedLayer):
+        if all(hasattr(module, a) for a in ("weight_quantizer", "input_quantizer", "recompute")):
             module.recompute = flag
             count += 1
     return count
@@ -58,16 +59,21 @@ def supported(layer: nn.Module) -> bool:
 
 def _prepare(q, x: torch.Tensor):
     """The quantizer's plan on ``x``, after its lazy initialization (as ``Quantizer.forward``)."""
-    if q is None or not q.enabled:
+    if q is None or not getattr(q, "enabled", True):
         return ops.IDENTITY
     if not q._ready:
         with torch.no_grad():
             q.initialize(x.detach())
-    return ops.plan(q, x)
+    return q.fused_plan(x)
 
 
 def _supported_quantizer(q) -> bool:
-    return q is None or not getattr(q, "enabled", True) or ops.plan_supported(q)
+    """No quantizer, a disabled one, or one whose class has a fused plan (other modules in a
+    quantizer's place, such as the exporters' eval quantizers, keep the plain layer)."""
+    if q is None or not getattr(q, "enabled", True):
+        return True
+    has_plan = getattr(type(q), "has_fused_plan", None)
+    return has_plan is not None and has_plan()
 
 
 def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -91,8 +97,8 @@ def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     else:
         lspec = ("conv", len(layer.kernel_size), tuple(layer.stride), tuple(layer.padding),
                  tuple(layer.dilation), int(layer.groups))
-    spec = (lspec, cdt, xp.kind, xp.consts, len(xp.params), len(xp.aux),
-            wp.kind, wp.consts, len(wp.params), len(wp.aux))
+    spec = (lspec, cdt, xp.contract, xp.consts, len(xp.params), len(xp.aux),
+            wp.contract, wp.consts, len(wp.params), len(wp.aux))
     tensors = (*xp.params, *xp.aux, *wp.params, *wp.aux)
     if torch.compiler.is_compiling():
         # AOTAutograd would merge the backward's recomputation with the forward call and keep
@@ -110,25 +116,19 @@ def _layer_compute(x, w, b, spec, *tensors):
 
 
 def _policy(ctx, op, *args, **kwargs):
-    if op in _fake_quant_ops():
-        return CheckpointPolicy.MUST_RECOMPUTE
-    return CheckpointPolicy.PREFER_SAVE
+    """Inside a recomputing layer only the conv/linear product keeps its output; everything
+    else (the quantizers' custom ops, casts) is recomputed in backward."""
+    if op in _KEPT:
+        return CheckpointPolicy.PREFER_SAVE
+    return CheckpointPolicy.MUST_RECOMPUTE
 
 
 def _recompute_quantizers():
     return create_selective_checkpoint_contexts(_policy)
 
 
-_FQ_OPS: list = []
-
-
-def _fake_quant_ops():
-    if not _FQ_OPS:
-        q = torch.ops.qtrainer
-        _FQ_OPS.extend([q.lsq_fake_quant.default, q.nipq_noise_fake_quant.default,
-                        q.nipq_hard_fake_quant.default, q.nipq_noise_lut.default,
-                        torch.ops.aten._to_copy.default])
-    return _FQ_OPS
+_KEPT = (torch.ops.aten.convolution.default, torch.ops.aten.addmm.default,
+         torch.ops.aten.mm.default)
 
 
 def _plans(spec, tensors):
@@ -192,13 +192,14 @@ class _QuantLayerFn(torch.autograd.Function):
         need_xq, need_wq = needs[0] or need_xp, needs[1] or need_wp
         has_b = ctx.b_dtype is not None
         with torch.no_grad():
-            xq, wq = ops.apply(x, xp), ops.apply(w, wp)
+            (xq, xcache), (wq, wcache) = ops.recompute(x, xp), ops.recompute(w, wp)
             gxq, gwq, gb = _layer_backward(spec[0], gy, _cast(xq, cdt), _cast(wq, cdt), has_b,
                                            need_xq, need_wq, needs[2])
-            gx, gxp = (ops.backward(gxq.to(x.dtype), x, xp, needs[0], need_xp) if need_xq
-                       else (None, (None,) * nxp))
-            gw, gwp = (ops.backward(gwq.to(w.dtype), w, wp, needs[1], need_wp) if need_wq
-                       else (None, (None,) * nwp))
+            del xq, wq
+            gx, gxp = (ops.backward(gxq.to(x.dtype), x, xp, needs[0], need_xp, xcache)
+                       if need_xq else (None, (None,) * nxp))
+            gw, gwp = (ops.backward(gwq.to(w.dtype), w, wp, needs[1], need_wp, wcache)
+                       if need_wq else (None, (None,) * nwp))
         if gb is not None:
             gb = gb.to(ctx.b_dtype)
         return (gx, gw, gb if needs[2] else None, None, *gxp, *([None] * nxa), *gwp,

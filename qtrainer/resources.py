@@ -93,7 +93,7 @@ def layer_table(model: nn.Module) -> list[dict[str, Any]]:
 
 def resource_loss(model: nn.Module, target: str, value: float, w_scale: float = 1.0,
                   a_scale: float = 1.0, bops_scale: float = 3.0) -> torch.Tensor:
-    """NIPQ's resource constraint (ALGORITHMS.md section 2); its gradient reaches only the
+    """NIPQ's resource constraint (docs/algorithms.md section 2); its gradient reaches only the
     learned bit-widths (through ``round(b_c)`` with STE).
 
     ``avg_bits``: ``w_scale * SmoothL1(sum b_l numel(W_l), T sum numel(W)) / 2^23 +

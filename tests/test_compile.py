@@ -1,12 +1,15 @@
-"""torch.compile of quantized models through the fused ops (qtrainer/quantizers/ops.py): the
+"""torch.compile of quantized models through the fused ops (qtrainer/quantizers/ops): the
 custom ops' fake implementations and registered autograd let Dynamo capture forward and backward
 in one graph (``fullgraph=True`` raises on any graph break), with the eager results.
 
 CPU only (``backend="aot_eager"``: Dynamo + AOTAutograd, no code generation), through the ops'
-torch implementation; the GPU benchmark compiles with Inductor and CUDA graphs.
+torch formulas (and the Triton kernels under ``TRITON_INTERPRET=1``, run from
+tests/test_kernels.py); the GPU benchmark compiles with Inductor and CUDA graphs.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -43,14 +46,23 @@ def _step(model, x, seed, autocast=False):
                         for n, p in model.named_parameters() if p.grad is not None}
 
 
+INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# (fused, backend): the default path, the plain reference path, and the Triton kernels
+PATHS = [("on", "triton")] if INTERP else [("on", "torch"), ("off", "torch")]
+
+
+@pytest.mark.parametrize("fused,backend", PATHS)
 @pytest.mark.parametrize("method,kw,recompute,autocast", [
-    ("lsq", {"per_channel": True}, True, True),
-    ("nipq", {"noise": "histogram", "learn_bits": True}, True, False),
+    ("lsq", {"per_channel": True}, None, True),
+    ("nipq", {"noise": "histogram", "learn_bits": True}, None, False),
+    ("nipq", {"noise": "histogram"}, False, False),
 ])
-def test_fullgraph_compile_matches_eager(method, kw, recompute, autocast):
+def test_fullgraph_compile_matches_eager(fused, backend, method, kw, recompute, autocast):
+    """Every path traces without a graph break, NIPQ's histogram noise included (its table
+    and noise are custom ops fed by a seed tensor, no torch.Generator in the graph)."""
     model, x = _model(method, kw)
     set_recompute(model, recompute)
-    with ops.options(fused="on", backend="torch"):
+    with ops.options(fused=fused, backend=backend):
         torch._dynamo.reset()
         counters.clear()
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
@@ -88,37 +100,28 @@ def test_tempering_schedule_does_not_recompile_with_a_lambda_tensor():
         assert counters["stats"]["unique_graphs"] == 1
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_compiled_recompute_keeps_no_quantized_activation(recompute):
+def test_compiled_recompute_keeps_no_quantized_activation():
     """Under torch.compile, AOTAutograd's partitioner decides what the forward saves. The
-    recomputing layers mark the fake-quant ops must-recompute (selective checkpointing), so no
-    ``x_hat`` is saved; the plain layers save one per layer."""
-    from functorch.compile import make_boxed_func
-    from torch._functorch.aot_autograd import aot_module_simplified
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    recomputing layers mark everything but the conv/linear product must-recompute (selective
+    checkpointing), so the compiled model saves what the eager recomputing layers save: no
+    quantized input or weight; the plain layers keep both."""
+    from quant_harness import saved_bytes
 
-    saved = []
-
-    def forward_compiler(gm, example_inputs):
-        outputs = gm.graph.output_node().args[0]
-        saved.extend(str(o.target) for o in outputs if isinstance(o, torch.fx.Node))
-        return make_boxed_func(gm)
-
-    def backend(gm, example_inputs):
-        return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler,
-                                     bw_compiler=lambda gm, _: make_boxed_func(gm),
-                                     partition_fn=min_cut_rematerialization_partition)
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
-    x = torch.randn(2, 3, 6, 6, requires_grad=True)
-    quantize_model(model, method="lsq", example_input=x, first_last_bits="same")
-    initialize_quantizers(model, x)
-    set_recompute(model, recompute)
-    with ops.options(fused="on", backend="torch"):
-        torch._dynamo.reset()
-        compiled = torch.compile(model, backend=backend, fullgraph=True)
-        compiled(x).sum().backward()
-    kept = [t for t in saved if "lsq_fake_quant" in t]
-    assert len(kept) == (0 if recompute else 4)  # plain: x_hat and w_hat of both layers
-    assert x.grad is not None
+    saved = {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                              nn.Conv2d(8, 8, 3, padding=1))
+        x = torch.randn(2, 3, 6, 6, requires_grad=True)
+        quantize_model(model, method="lsq", example_input=x, first_last_bits="same")
+        initialize_quantizers(model, x)
+        set_recompute(model, recompute)
+        with ops.options(fused="on", backend="torch"):
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+            saved[recompute] = saved_bytes(compiled, x), saved_bytes(model, x)
+            compiled(x).sum().backward()
+        assert x.grad is not None
+    quantized = 4 * (2 * 3 * 36 + 8 * 3 * 9 + 2 * 8 * 36 + 8 * 8 * 9)  # x_hat, w_hat, 2 layers
+    assert saved[True][0] == saved[True][1] == 4 * 2 * 8 * 36  # the ReLU output only
+    assert saved[False][0] >= saved[True][0] + quantized

@@ -1,24 +1,14 @@
 """LSQ forward values, the three gradient branches for v and s (with g), and the init formula,
-against the closed forms of docs/algorithms.md section 1."""
+against the closed forms of docs/algorithms.md section 1 (tests/closed_forms.py: forward bit for
+bit, grad_x exactly, grad_s within the fp32 accumulation bound)."""
 
 import math
 
 import pytest
 import torch
 
+from closed_forms import assert_fp32_sum, lsq_forward, lsq_grad_x, lsq_step_terms, same_bits
 from qtrainer.quantizers import LSQQuantizer, lsq_levels
-
-
-def closed_form(v, s, q_n, q_p, g):
-    """Reference (fp32, the module's own precision): output, d/dv, d/ds per element."""
-    s = torch.tensor(s, dtype=torch.float32)
-    r = v / s
-    out = torch.round(r.clamp(-q_n, q_p)) * s
-    inside = (r > -q_n) & (r < q_p)
-    dv = inside.float()
-    ds = torch.where(inside, torch.round(r) - r,
-                     torch.where(r <= -q_n, torch.full_like(r, -q_n), torch.full_like(r, q_p)))
-    return out, dv, ds
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -49,18 +39,44 @@ def test_forward_and_gradients_match_closed_form(bits, signed, grad_scale):
     out = q(v)
     (out * w).sum().backward()
 
-    ref_out, dv, ds = closed_form(v.detach(), s, q_n, q_p, None)
+    step = torch.tensor([s])
     n = v.numel() // (4 if grad_scale == "per_sample" else 1)
     g = 1.0 if grad_scale == "none" else 1.0 / math.sqrt(n * q_p)
-    assert torch.equal(out, ref_out)
-    assert torch.equal(v.grad, w * dv)
-    ref_ds = (w.double() * ds).sum() * g
-    assert q.step.grad.item() == pytest.approx(ref_ds.item(), rel=1e-5, abs=1e-6)
+    assert same_bits(out.detach(), lsq_forward(v.detach(), step, q_n, q_p))
+    assert same_bits(v.grad, lsq_grad_x(v.detach(), step, q_n, q_p, w))
+    assert_fp32_sum(q.step.grad, lsq_step_terms(v.detach(), step, q_n, q_p, w), scale=g)
     # every branch is exercised
     r = v.detach() / s
     assert ((r > -q_n) & (r < q_p)).any() and (r >= q_p).any()
     if signed:
         assert (r <= -q_n).any()
+
+
+@pytest.mark.parametrize("bits,signed", [(2, True), (4, False), (8, True)])
+def test_inputs_exactly_on_the_bounds(bits, signed):
+    """At ``v/s = -Q_N`` and ``v/s = Q_P`` exactly (and beyond) the input gradient is 0 and the
+    step gets ``-Q_N`` / ``Q_P``; one ulp inside, the gradient passes (issue #12: explicit
+    masks, not the clamp gradient of the running torch version)."""
+    q = LSQQuantizer(bits, signed, grad_scale="none")
+    q.step.data.fill_(0.5)
+    q._mark_initialized()
+    q_n, q_p = q.levels
+    lo, hi = -q_n * 0.5, q_p * 0.5
+    inner_hi = torch.nextafter(torch.tensor(hi), torch.tensor(0.0)).item()
+    values = [hi, hi + 1.0, inner_hi]
+    if signed:
+        values += [lo, lo - 1.0, torch.nextafter(torch.tensor(lo), torch.tensor(0.0)).item()]
+    else:
+        values += [0.0, -1.0]  # the lower bound of unsigned codes is 0
+    for value in values:
+        q.step.grad = None
+        v = torch.tensor([value], requires_grad=True)
+        q(v).sum().backward()
+        r = value / 0.5
+        inside = -q_n < r < q_p
+        assert v.grad.item() == (1.0 if inside else 0.0), value
+        expected = round(r) - r if inside else (float(-q_n) if r <= -q_n else float(q_p))
+        assert q.step.grad.item() == pytest.approx(expected, abs=1e-6), value
 
 
 def test_boundary_branches_exactly():
@@ -103,10 +119,10 @@ def test_per_channel_steps_and_gradients():
     assert torch.allclose(q.step.data, expected)
     out = q(w)
     out.sum().backward()
-    for c in range(3):
-        _, _, ds = closed_form(w.detach()[c], q.step[c].item(), 8, 7, None)
-        g = 1 / math.sqrt(w[c].numel() * 7)
-        assert q.step.grad[c].item() == pytest.approx(ds.sum().item() * g, rel=1e-5, abs=1e-7)
+    steps = q.step.detach().clone()
+    assert same_bits(out.detach(), lsq_forward(w.detach(), steps, 8, 7))
+    terms = lsq_step_terms(w.detach(), steps, 8, 7, torch.ones_like(w))
+    assert_fp32_sum(q.step.grad, terms, rows=3, scale=1 / math.sqrt(w[0].numel() * 7))
 
 
 def test_minmax_init_uses_full_range():

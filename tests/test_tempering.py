@@ -1,13 +1,22 @@
 """Noise tempering (docs/algorithms.md section 3): lambda = 0 is LSQ exactly, the noise is
-error-aware and its gradient reaches s as stated, and the decay schedule's values."""
+error-aware and its gradient reaches s as stated (closed forms of tests/closed_forms.py, the
+noise regenerated from the seed the quantizer drew), and the decay schedule's values."""
 
 import math
 
 import pytest
 import torch
 
-from qtrainer.quantizers import LSQQuantizer, TemperingQuantizer
+from closed_forms import assert_fp32_sum, lsq_grad_x, lsq_step_terms, same_bits
+from qtrainer.quantizers import LSQQuantizer, TemperingQuantizer, formulas, ops
 from qtrainer.schedules import ExponentialDecay
+
+
+def _noise(q, x, seed=None, lam=None):
+    """The noise ``q`` draws for ``x`` (from ``Generator().manual_seed(seed)`` when given),
+    scaled by ``lam`` as the quantizer uses it when given."""
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    return formulas.tempering_noise(q.noise_code, ops.draw_seed(x, gen), x, lam)
 
 
 def _pair(bits=3, signed=True, **kw):
@@ -37,29 +46,24 @@ def test_error_noise_output_and_gradients():
     _, q = _pair(3, lambda_=lam)
     q.generator = torch.Generator().manual_seed(7)
     q.train()
-    v = (torch.randn(4, 50) * 1.2).requires_grad_()
+    v = torch.randn(4, 50) * 1.2
+    v.view(-1)[:4] = torch.tensor([-4 * 0.21, 3 * 0.21, 9.0, -9.0])  # on and beyond the bounds
+    v.requires_grad_()
     w = torch.randn_like(v)
     y = q(v)
     (y * w).sum().backward()
 
-    xi = TemperingQuantizer(3, True, lambda_=lam)
-    xi.generator = torch.Generator().manual_seed(7)
-    xi = xi.sample_noise(v)
-    s, q_n, q_p = 0.21, 4, 3
-    st = torch.tensor(s)
-    r = v.detach() / st
-    q_val = torch.round(r.clamp(-q_n, q_p)) * st
-    e = q_val - r.clamp(-q_n, q_p) * st
-    assert torch.allclose(y, q_val + lam * xi * e, atol=1e-6)
-    inside = (r > -q_n) & (r < q_p)
-    assert torch.equal(v.grad, w * inside)
-    frac = torch.round(r) - r
-    lsq_term = torch.where(inside, frac, torch.where(r <= -q_n, -4.0, 3.0))
-    g = 1 / math.sqrt(v.numel() * q_p)
-    expected = ((w * (lsq_term + lam * xi * frac * inside)).double().sum() * g).item()
-    assert q.step.grad.item() == pytest.approx(expected, rel=1e-5)
+    xil = _noise(q, v.detach(), seed=7, lam=torch.tensor([lam]))  # lambda * xi
+    s, q_n, q_p = torch.tensor([0.21]), 4, 3
+    c = torch.clamp(v.detach() / s, -q_n, q_p)
+    code = torch.round(c)
+    # y = q + lambda xi e = s (code + (code - c) lambda xi), evaluated in this order in fp32
+    assert same_bits(y.detach(), (code + (code - c) * xil) * s)
+    assert same_bits(v.grad, lsq_grad_x(v.detach(), s, q_n, q_p, w))
+    terms = lsq_step_terms(v.detach(), s, q_n, q_p, w, 1.0, xil, "error")
+    assert_fp32_sum(q.step.grad, terms, scale=1 / math.sqrt(v.numel() * q_p))
     # noise statistics: zero mean, unit variance (uniform on +-sqrt 3)
-    big = q.sample_noise(torch.empty(200_000))
+    big = _noise(q, torch.empty(200_000))
     assert big.mean().abs() < 0.01 and big.var().item() == pytest.approx(1.0, abs=0.01)
     assert big.abs().max() <= math.sqrt(3)
 
@@ -89,7 +93,7 @@ def test_uniform_step_noise_is_error_unaware_and_gaussian_option():
     dev = q(on_grid) - on_grid
     assert dev.abs().max() <= 0.5 * 0.21 * 0.5 + 1e-6
     assert dev.std().item() == pytest.approx(0.5 * 0.21 / math.sqrt(12), rel=0.03)
-    g = TemperingQuantizer(4, True, noise_dist="gaussian").sample_noise(torch.empty(200_000))
+    g = _noise(TemperingQuantizer(4, True, noise_dist="gaussian"), torch.empty(200_000))
     assert g.mean().abs() < 0.01 and g.std().item() == pytest.approx(1.0, abs=0.01)
     assert g.abs().max() > math.sqrt(3)  # not uniform
 

@@ -1,34 +1,29 @@
-"""Quantizer modules (pure torch): LSQ, NIPQ and noise tempering, plus a factory by name."""
+"""Quantizer modules (pure torch): LSQ, NIPQ and noise tempering as method plug-ins, the
+registry of methods and a factory by name.
+
+Depends on nothing in qtrainer outside this package.
+"""
 
 from __future__ import annotations
 
-from .base import Quantizer, check_bits, check_choice, round_ste
-from .lsq import LSQFunction, LSQQuantizer, lsq_levels
+from .base import Param, Quantizer, check_bits, check_choice, round_ste
+from .lsq import LSQQuantizer, lsq_levels
 from .nipq import NIPQQuantizer, nipq_levels
+from .registry import (METHODS, describe_methods, get_method, method_names,
+                       register_method)
 from .tempering import TemperingQuantizer
-
-METHODS = {"lsq": LSQQuantizer, "nipq": NIPQQuantizer, "tempering": TemperingQuantizer}
 
 
 def make_quantizer(method: str, bits: int, signed: bool, role: str, channels: int | None = None,
-                   **kwargs) -> Quantizer:
-    """Build the quantizer of ``method`` for a weight tensor (``role="weight"``, ``channels`` =
-    output channels) or an activation site (``role="input"``). ``kwargs`` are the method's
-    constructor arguments; per-sample gradient scaling only applies to activations."""
-    cls = METHODS[check_choice("method", method, tuple(METHODS))]
-    if cls is NIPQQuantizer:
-        return cls(bits=bits, signed=signed, role=role, **kwargs)
-    if role == "weight":
-        if kwargs.get("grad_scale") == "per_sample":
-            kwargs["grad_scale"] = "numel"
-        if kwargs.get("per_channel"):
-            kwargs["channels"] = channels
-    else:
-        kwargs.pop("per_channel", None)
-    return cls(bits=bits, signed=signed, **kwargs)
+                   **params) -> Quantizer:
+    """Build the quantizer of the registered ``method`` for a weight tensor (``role="weight"``,
+    ``channels`` = output channels) or an activation site (``role="input"``). ``params`` are the
+    method's constructor arguments (its ``Param`` declarations with ``target="quantizer"``)."""
+    return get_method(method).build(bits, signed, role, channels, **params)
 
 
 __all__ = [
-    "METHODS", "LSQFunction", "LSQQuantizer", "NIPQQuantizer", "Quantizer", "TemperingQuantizer",
-    "check_bits", "check_choice", "lsq_levels", "make_quantizer", "nipq_levels", "round_ste",
+    "LSQQuantizer", "METHODS", "NIPQQuantizer", "Param", "Quantizer", "TemperingQuantizer",
+    "check_bits", "check_choice", "describe_methods", "get_method", "lsq_levels",
+    "make_quantizer", "method_names", "nipq_levels", "register_method", "round_ste",
 ]

@@ -1,4 +1,4 @@
-"""LSQ: Learned Step Size Quantization (Esser et al., ICLR 2020), ALGORITHMS.md section 1.
+"""LSQ: Learned Step Size Quantization (Esser et al., ICLR 2020), docs/algorithms.md section 1.
 
 Forward: ``v_bar = round(clip(v / s, -Q_N, Q_P))``, ``v_hat = v_bar * s``.
 Gradients (STE on round only), with ``g`` the gradient scale applied to ``s`` only:
@@ -6,8 +6,9 @@ Gradients (STE on round only), with ``g`` the gradient scale applied to ``s`` on
 - ``d v_hat / d v = 1`` if ``-Q_N < v/s < Q_P`` else 0;
 - ``d v_hat / d s = round(v/s) - v/s`` inside, ``-Q_N`` at or below, ``Q_P`` at or above.
 
-The gradients are computed in closed form by :class:`LSQFunction` (one saved input, fp32 sums)
-rather than by the detach trick, which materializes several temporaries.
+The quantizer runs the fused ops' ``step`` contract (closed-form backward, one saved input,
+fp32 sums; :mod:`qtrainer.quantizers.formulas`) rather than the detach trick, which
+materializes several temporaries.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import math
 import torch
 from torch import nn
 
+from . import formulas
 from . import ops as _ops
-from .base import Quantizer, check_bits, check_choice
+from .base import Param, Quantizer, check_bits
 
 GRAD_SCALES = ("numel", "per_sample", "none")
 INITS = ("lsq", "minmax", "mse", "percentile")
@@ -29,55 +31,6 @@ def lsq_levels(bits: int, signed: bool) -> tuple[int, int]:
     if signed:
         return 2 ** (bits - 1), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
-
-
-def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Sum ``t`` down to the broadcast ``shape`` of a step-size tensor (``[1]`` or ``[C,1,..]``)."""
-    if t.dim() != len(shape):
-        return t.sum().reshape(shape)
-    dims = [i for i, n in enumerate(shape) if n == 1]
-    return t.sum(dim=dims, keepdim=True) if dims else t
-
-
-class LSQFunction(torch.autograd.Function):
-    """LSQ fake quantization with an optional additive noise term (used by noise tempering).
-
-    Args (forward): ``x`` fp32 tensor; ``s`` fp32 step size broadcastable to ``x``; ``q_n``,
-    ``q_p`` the level bounds; ``g`` the gradient scale for ``s``; ``noise`` None or a tensor
-    shaped like ``x``; ``lam`` its weight; ``noise_kind`` ``"error"`` (``y = q + lam*xi*e`` with
-    ``e = q - clip(x, -Q_N s, Q_P s)``) or ``"uniform_step"`` (``y = q + lam*s*u``).
-    """
-
-    @staticmethod
-    def forward(ctx, x, s, q_n, q_p, g, noise=None, lam=0.0, noise_kind="error"):
-        xs = x / s
-        clipped = torch.clamp(xs, -q_n, q_p)
-        q = torch.round(clipped) * s
-        if noise is not None:
-            if noise_kind == "error":
-                q = q + lam * noise * (q - clipped * s)
-            else:
-                q = q + lam * s * noise
-        ctx.save_for_backward(x, s, noise)
-        ctx.q = (q_n, q_p, g, lam, noise_kind)
-        return q
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, s, noise = ctx.saved_tensors
-        q_n, q_p, g, lam, noise_kind = ctx.q
-        xs = x / s
-        inside = (xs > -q_n) & (xs < q_p)
-        grad = grad.float()
-        grad_x = grad * inside if ctx.needs_input_grad[0] else None
-        grad_s = None
-        if ctx.needs_input_grad[1]:
-            frac = torch.round(xs) - xs
-            term = torch.where(inside, frac, torch.where(xs <= -q_n, -float(q_n), float(q_p)))
-            if noise is not None:
-                term = term + (lam * noise * frac * inside if noise_kind == "error" else lam * noise)
-            grad_s = _sum_to(grad * term, s.shape) * g
-        return grad_x, grad_s, None, None, None, None, None, None
 
 
 class LSQQuantizer(Quantizer):
@@ -103,21 +56,47 @@ class LSQQuantizer(Quantizer):
         init_percentile: the percentile (0, 100] of ``|v|`` for ``init="percentile"``.
     """
 
+    method_name = "lsq"
+    params = (
+        Param("grad_scale", "str", "numel", "Factor on the step size's gradient: numel is "
+              "1/sqrt(N Q_P) with N the quantized tensor's element count (batch included for "
+              "activations, the paper's code), per_sample leaves the batch out, none is 1.",
+              choices=GRAD_SCALES),
+        Param("per_channel", "bool", False, "One step size per output channel of a weight "
+              "instead of one per tensor (activations always have one)."),
+        Param("init", "str", "lsq", "Step size initialization: lsq 2 mean|v| / sqrt(Q_P) (the "
+              "paper), minmax max|v| / Q_P, mse the least quantization MSE, percentile the "
+              "init_percentile-th percentile of |v| over Q_P.", choices=INITS),
+        Param("init_percentile", "float", 99.9, "The percentile of |v| (percent) used by "
+              "init=percentile.", low=0.0, high=100.0, low_open=True),
+    )
+
     def __init__(self, bits: int = 4, signed: bool = True, grad_scale: str = "numel",
                  per_channel: bool = False, channels: int | None = None, init: str = "lsq",
                  init_percentile: float = 99.9):
         super().__init__(signed)
         self._bits = check_bits("bits", bits)
-        self.grad_scale = check_choice("grad_scale", grad_scale, GRAD_SCALES)
-        self.init = check_choice("init", init, INITS)
-        if isinstance(init_percentile, bool) or not isinstance(init_percentile, (int, float)) \
-                or not 0.0 < float(init_percentile) <= 100.0:
-            raise ValueError(f"init_percentile={init_percentile!r} must be a number in (0, 100]")
-        self.init_percentile = float(init_percentile)
-        self.per_channel = bool(per_channel)
+        self.grad_scale = self.param("grad_scale").check(grad_scale)
+        self.init = self.param("init").check(init)
+        self.init_percentile = self.param("init_percentile").check(init_percentile)
+        self.per_channel = self.param("per_channel").check(per_channel)
         if self.per_channel and not (isinstance(channels, int) and channels > 0):
             raise ValueError(f"channels={channels!r}: per_channel=True needs a positive channel count")
         self.step = nn.Parameter(torch.ones(channels if self.per_channel else 1))
+
+    @classmethod
+    def build(cls, bits: int, signed: bool, role: str, channels: int | None = None,
+              **params) -> LSQQuantizer:
+        """Per-sample gradient scaling applies to activations only (weights use ``numel``);
+        per-channel step sizes to weights only (one step per activation site)."""
+        if role == "weight":
+            if params.get("grad_scale") == "per_sample":
+                params["grad_scale"] = "numel"
+            if params.get("per_channel"):
+                params["channels"] = channels
+        else:
+            params.pop("per_channel", None)
+        return cls(bits=bits, signed=signed, **params)
 
     @property
     def bits(self) -> int:
@@ -168,7 +147,7 @@ class LSQQuantizer(Quantizer):
 
             def mse(s):
                 s = s.clamp(min=1e-8)[:, None]
-                return (torch.round(torch.clamp(flat / s, -q_n, q_p)) * s - flat).square().mean(1)
+                return (formulas.step_codes(flat, s, q_n, q_p) * s - flat).square().mean(1)
 
             best_s, best = s_max.clone(), mse(s_max)
             coarse = 64
@@ -206,16 +185,13 @@ class LSQQuantizer(Quantizer):
         self.step.copy_(s0.clamp(min=1e-8).to(self.step))
         self._mark_initialized()
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        if _ops.fused_enabled(x):  # fused kernels (CUDA), see quantizers/ops.py
-            y = _ops.fake_quant(self, x)
-            if y is not None:
-                return y
+    def fused_plan(self, x: torch.Tensor) -> _ops.Plan:
+        """The ``step`` contract without noise."""
         q_n, q_p = self.levels
-        return LSQFunction.apply(x, self._step_view(x), q_n, q_p, self.grad_scale_value(x))
+        return _ops.Plan("step", (self.step.float(),), (None, None),
+                         (q_n, q_p, float(self.grad_scale_value(x)), 0))
 
     @torch.no_grad()
     def int_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q_n, q_p = self.levels
         s = self._step_view(x)
-        return torch.round(torch.clamp(x.float() / s, -q_n, q_p)), s
+        return formulas.step_codes(x.float(), s, *self.levels), s

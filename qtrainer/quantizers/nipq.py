@@ -1,6 +1,6 @@
 """NIPQ: Noise proxy-based Integrated Pseudo-Quantization (Shin et al., CVPR 2023).
 
-ALGORITHMS.md section 2, from the official code. Per quantizer, two scalar parameters:
+docs/algorithms.md section 2, from the official code. Per quantizer, two scalar parameters:
 ``alpha = softplus(theta_a)`` (truncation boundary) and the continuous bit-width
 ``b_c = b_min + (b_max - b_min) * sigmoid(theta_b)``. Levels: signed ``n = 2^(b-1) - 1``
 (codes ``-n..n``), unsigned ``n = 2^b - 1`` (codes ``0..n``); step ``delta = alpha / n``.
@@ -11,6 +11,10 @@ ALGORITHMS.md section 2, from the official code. Per quantizer, two scalar param
   from the histogram of this tensor's real rounding error (``noise="histogram"``, official).
 - Hard quantization (eval, phase 2): ``Q(v) = delta * round(n * clip(v/alpha, lo/alpha, 1))``
   with STE and ``n`` from the detached, rounded bit-width.
+
+Both phases run the fused ops' contracts ``nipq_noise`` and ``nipq_hard``
+(:mod:`qtrainer.quantizers.ops`, formulas in :mod:`qtrainer.quantizers.formulas`); the
+bit-width's straight-through chain to ``delta`` stays in torch autograd.
 """
 
 from __future__ import annotations
@@ -21,14 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import formulas
 from . import ops as _ops
-from .base import Quantizer, check_bits, check_choice, round_ste
+from .base import Param, Quantizer, check_bits, check_choice, round_ste
 
 NOISES = ("histogram", "uniform")
 WEIGHT_INITS = ("max_abs", "official")
 ROLES = ("weight", "input")
-HIST_BINS = 256
-LUT_SIZE = 1 << 16
 
 
 def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
@@ -56,12 +59,30 @@ class NIPQQuantizer(Quantizer):
             (``theta_a = max(W)``, so ``alpha0 = softplus(max W)``).
     """
 
+    method_name = "nipq"
+    hard_phase = True
+    learnable_bits = True
+    params = (
+        Param("noise", "str", "histogram", "Distribution of the pseudo-quantization noise: "
+              "histogram draws from the tensor's own rounding-error histogram (official code), "
+              "uniform is U(-1/2, 1/2).", choices=NOISES),
+        Param("learn_bits", "bool", False, "Learn each quantizer's bit-width (mixed precision); "
+              "false keeps the given bits fixed."),
+        Param("b_min", "int", 2, "Lower bound of the continuous bit-width (bits).", low=2,
+              high=16),
+        Param("b_max", "int", 14, "Upper bound of the continuous bit-width "
+              "b_c = b_min + (b_max - b_min) sigmoid(theta_b) (bits).", low=2, high=16),
+        Param("weight_init", "str", "max_abs", "Weight truncation boundary at start: max_abs "
+              "alpha0 = max|W|, official alpha0 = softplus(max W) as the official code.",
+              choices=WEIGHT_INITS),
+    )
+
     def __init__(self, bits: int = 4, signed: bool = True, learn_bits: bool = False,
                  b_min: int = 2, b_max: int = 14, noise: str = "histogram", role: str = "input",
                  weight_init: str = "max_abs"):
         super().__init__(signed)
-        check_bits("b_min", b_min)
-        check_bits("b_max", b_max)
+        self.param("b_min").check(b_min)
+        self.param("b_max").check(b_max)
         if b_min >= b_max:
             raise ValueError(f"b_min={b_min} must be smaller than b_max={b_max}")
         check_bits("bits", bits)
@@ -70,9 +91,10 @@ class NIPQQuantizer(Quantizer):
                              "when learn_bits=True")
         if not learn_bits and not b_min <= bits <= b_max:
             raise ValueError(f"bits={bits} must lie in b_min..b_max = {b_min}..{b_max}")
-        self.noise = check_choice("noise", noise, NOISES)
+        self.noise = self.param("noise").check(noise)
         self.role = check_choice("role", role, ROLES)
-        self.weight_init = check_choice("weight_init", weight_init, WEIGHT_INITS)
+        self.weight_init = self.param("weight_init").check(weight_init)
+        learn_bits = self.param("learn_bits").check(learn_bits)
         self.b_min, self.b_max = b_min, b_max
         self.generator: torch.Generator | None = None
         p = min(max((bits - b_min) / (b_max - b_min), 1e-6), 1 - 1e-6)
@@ -143,53 +165,27 @@ class NIPQQuantizer(Quantizer):
         u = torch.rand(1, generator=self.generator, device=self.theta_b.device) - 0.5
         return round_ste(self.continuous_bits() + u)
 
-    def _sample_z(self, x: torch.Tensor, alpha: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Noise in units of ``delta``, shaped like ``x``, in ``[-1/2, 1/2)`` (detached)."""
-        u = torch.rand(x.shape, generator=self.generator, device=x.device)
-        if self.noise == "uniform":
-            return u - 0.5
-        with torch.no_grad():
-            lo = -alpha if self.signed else torch.zeros_like(alpha)
-            r = x / delta
-            # elements outside (lo, alpha) get an error of 2, which histc ignores
-            err = torch.where((x > lo) & (x < alpha), torch.round(r) - r, 2.0)
-            hist = torch.histc(err, bins=HIST_BINS, min=-0.5, max=0.5)
-            if hist.sum() <= 0:
-                return u - 0.5
-            # a bin per element by inverse-CDF sampling through a lookup table of LUT_SIZE
-            # equal-probability cells (bin probabilities exact to 1/LUT_SIZE), then uniform
-            # inside the bin
-            cdf = torch.cumsum(hist, 0) / hist.sum()
-            grid = (torch.arange(LUT_SIZE, device=x.device) + 0.5) / LUT_SIZE
-            lut = torch.searchsorted(cdf, grid, right=True).clamp_(max=HIST_BINS - 1)
-            pick = torch.randint(LUT_SIZE, x.shape, generator=self.generator, device=x.device)
-            return (lut[pick] + u) / HIST_BINS - 0.5
-
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        if _ops.fused_enabled(x):  # fused kernels (CUDA), see quantizers/ops.py
-            y = _ops.fake_quant(self, x)
-            if y is not None:
-                return y
+    def fused_plan(self, x: torch.Tensor) -> _ops.Plan:
+        """Training: the ``nipq_noise`` contract (``delta = alpha / n(b)`` differentiable
+        w.r.t. ``alpha`` and, with learned bits, ``theta_b``; seed drawn now; histogram noise
+        through its lookup table). Otherwise ``nipq_hard`` at the rounded bit-width."""
         if self.noisy:
             alpha = self.alpha
-            delta = alpha / nipq_levels(self._noise_bits(), self.signed)
-            z = self._sample_z(x.detach(), alpha.detach(), delta.detach())
-            inner = x + z * delta
-            lo = -alpha if self.signed else torch.zeros_like(alpha)
-            return torch.where(x >= alpha, alpha, torch.where(x <= lo, lo, inner))
-        codes, scale = self._hard(x)
-        return codes * scale
-
-    def _hard(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes (STE round, differentiable w.r.t. ``x`` and ``alpha``) and ``delta``."""
-        n = nipq_levels(self.bits, self.signed)
-        alpha = self.alpha
-        ratio = torch.clamp(x / alpha, -1.0 if self.signed else 0.0, 1.0)
-        return round_ste(n * ratio), alpha / n
+            # fixed bits: a Python level count (the same fp32 division, fewer tiny launches)
+            delta = alpha / nipq_levels(self._noise_bits() if self.learn_bits else self._fixed,
+                                        self.signed)
+            seed = _ops.draw_seed(x, self.generator)
+            lut = (_ops.nipq_lut(x, alpha, delta, self.signed) if self.noise == "histogram"
+                   else None)
+            return _ops.Plan("nipq_noise", (alpha, delta), (seed, lut), (bool(self.signed),))
+        return _ops.Plan("nipq_hard", (self.alpha,), (),
+                         (int(nipq_levels(self.bits, self.signed)), bool(self.signed)))
 
     @torch.no_grad()
     def int_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._hard(x.float())
+        n = int(nipq_levels(self.bits, self.signed))
+        alpha = self.alpha
+        return formulas.nipq_hard_codes(x.float(), alpha, n, self.signed), alpha / n
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -4,13 +4,15 @@ Nothing here imports Triton at import time: :func:`available` only checks that t
 installed, and the kernel modules are imported on first use (so ``TRITON_INTERPRET=1`` set by a
 test before the first kernel call still takes effect). The kernels operate on the flat storage
 of dense tensors (contiguous or channels_last), compute in fp32 whatever the input dtype, and
-return per-block fp32 partial sums for parameter gradients that a second, tiny kernel adds up.
+reduce parameter gradients in the backward kernel itself (per-block fp32 partial sums, added in
+a fixed order by the last block to finish), so a backward is one launch.
 
-- :mod:`.triton_lsq`: LSQ and noise tempering (noise drawn in the kernel from a seed tensor).
-- :mod:`.triton_nipq`: NIPQ noise phase (uniform or histogram noise) and hard quantization.
+- :mod:`.triton_step`: the ``step`` contract (LSQ, noise tempering; noise drawn in the kernel
+  from a seed tensor).
+- :mod:`.triton_nipq`: the ``nipq_noise`` (uniform or histogram noise) and ``nipq_hard``
+  contracts.
 
-Use them through :mod:`qtrainer.quantizers.ops` (torch.library custom ops with autograd and fake
-implementations), not directly.
+Use them through :mod:`qtrainer.quantizers.ops`, not directly.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def lsq():
-    """The LSQ/tempering kernel module (imports Triton)."""
-    from . import triton_lsq
+def step():
+    """The ``step`` contract's kernel module (imports Triton)."""
+    from . import triton_step
 
-    return triton_lsq
+    return triton_step
 
 
 def nipq():
@@ -45,4 +47,4 @@ def nipq():
     return triton_nipq
 
 
-__all__ = ["available", "interpreting", "lsq", "nipq"]
+__all__ = ["available", "interpreting", "nipq", "step"]

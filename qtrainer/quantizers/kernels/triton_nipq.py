@@ -1,5 +1,5 @@
-"""Triton kernels for NIPQ: the noise phase (uniform or histogram noise drawn in the kernel) and
-hard quantization, forward and backward.
+"""Triton kernels of the ``nipq_noise`` contract (uniform or histogram noise drawn in the
+kernel) and the ``nipq_hard`` contract, forward and backward, one launch each.
 
 Noise phase, ``y = alpha`` where ``x >= alpha``, ``lo`` where ``x <= lo``, else
 ``x + z * delta``. ``z`` comes from a seed tensor and the element's storage offset:
@@ -7,20 +7,22 @@ Noise phase, ``y = alpha`` where ``x >= alpha``, ``lo`` where ``x <= lo``, else
 - uniform: ``z = u - 1/2`` with ``u = rand(seed, offset)``;
 - histogram: two words of one Philox draw give a lookup-table cell (``LUT_SIZE`` cells of equal
   probability, built from this tensor's rounding-error histogram) and ``u`` inside the bin:
-  ``z = (bin + u) / 256 - 1/2``, the reference's inverse-CDF sampling.
+  ``z = (bin + u) / 256 - 1/2``, the inverse-CDF sampling of the torch formula.
 
 The histogram takes two small launches before the forward (per-block ``tl.histogram`` merged
-with 256 atomic adds, then the lookup table from exact integer arithmetic); the table is an
-input of the forward and backward so the backward regenerates the same ``z``.
+with 256 atomic adds, then the lookup table from exact integer arithmetic), binned like
+:func:`qtrainer.quantizers.formulas.nipq_error_bins`; the table is an input of the forward and
+backward so the backward regenerates the same ``z``.
 
-Backward: ``grad_x`` (a select like ``torch.where``'s gradient) and fp32 per-block partial sums
-of the direct ``alpha`` gradient (``+1`` above, ``-1`` below when signed) and of ``grad * z``
-inside (the ``delta`` gradient; the chain to ``alpha`` and the bit-width runs in torch).
+Backward: ``grad_x`` (``grad`` strictly inside, like ``aten.hardtanh_backward``), and the
+direct ``alpha`` gradient (``+1`` at and above, ``-1`` at and below when signed) with the
+``delta`` gradient ``grad * z`` inside, summed in the kernel (:func:`.common.finish_sums`; the
+chain to ``alpha`` and the bit-width runs in torch).
 
-Hard quantization: ``delta * round(n * clip(x / alpha, lo / alpha, 1))`` with the reference's
-operation order, so forward and ``grad_x`` are bit-identical; ``grad_alpha`` per element is
-``(code - n r [inside]) / n`` summed in fp32. Whether the clip passes the gradient at its
-bounds follows ``torch.clamp`` in the running torch version (exclusive in recent versions).
+Hard quantization: ``delta * round(n * clip(x / alpha, lo, 1))`` in the torch formula's
+operation order, so the forward is bit-identical; ``grad_x = grad`` strictly inside ``(lo, 1)``
+of ``x / alpha``, and ``d/d alpha = round(n c) / n - [inside] c`` per element, ``c`` the
+clipped ratio (``+-1`` at the bounds whatever the torch version).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from .triton_lsq import BLOCK, NUM_WARPS, channel_layout, like, match, rint, sum_rows, to_out
+from .common import (BLOCK, NUM_WARPS, SUM_BLOCK, channel_layout, clip, finish_sums, grads,
+                     like, match, rint, scalar, ticket, to_out)
 
 HIST_BINS = 256
 LUT_SIZE = 1 << 16
@@ -51,35 +54,11 @@ def nipq_z(seed, offs, lut_ptr, HIST: tl.constexpr):
 
 
 @triton.jit
-def _noise_fwd_kernel(x_ptr, alpha_ptr, delta_ptr, seed_ptr, lut_ptr, y_ptr, z_ptr, n,
-                      SIGNED: tl.constexpr, HIST: tl.constexpr, WRITE_Z: tl.constexpr,
-                      BLOCK: tl.constexpr):
+def _noise_site(x_ptr, alpha_ptr, n, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """One program's elements of the noise phase: ``(offs, mask, x, alpha, above, below)``,
+    ``above``: ``x >= alpha``, ``below``: ``x <= lo`` and not above."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    alpha = tl.load(alpha_ptr).to(tl.float32)
-    delta = tl.load(delta_ptr).to(tl.float32)
-    seed = tl.load(seed_ptr)
-    z = nipq_z(seed, offs, lut_ptr, HIST)
-    inner = x + z * delta
-    if SIGNED:
-        lo = -alpha
-    else:
-        lo = 0.0
-    y = tl.where(x >= alpha, alpha, tl.where(x <= lo, lo, inner))
-    tl.store(y_ptr + offs, to_out(y, y_ptr.dtype.element_ty), mask=mask)
-    if WRITE_Z:
-        tl.store(z_ptr + offs, z, mask=mask)
-
-
-@triton.jit
-def _noise_bwd_kernel(g_ptr, x_ptr, alpha_ptr, seed_ptr, lut_ptr, gx_ptr, part_ptr, n, nblk,
-                      SIGNED: tl.constexpr, HIST: tl.constexpr, NEED_X: tl.constexpr,
-                      NEED_P: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    grad = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     alpha = tl.load(alpha_ptr).to(tl.float32)
     above = x >= alpha
@@ -87,19 +66,47 @@ def _noise_bwd_kernel(g_ptr, x_ptr, alpha_ptr, seed_ptr, lut_ptr, gx_ptr, part_p
         below = (x <= -alpha) & (~above)
     else:
         below = (x <= 0.0) & (~above)
+    return offs, mask, x, alpha, above, below
+
+
+@triton.jit
+def _noise_fwd_kernel(x_ptr, alpha_ptr, delta_ptr, seed_ptr, lut_ptr, y_ptr, z_ptr, n,
+                      SIGNED: tl.constexpr, HIST: tl.constexpr, WRITE_Z: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    offs, mask, x, alpha, above, below = _noise_site(x_ptr, alpha_ptr, n, SIGNED, BLOCK)
+    delta = tl.load(delta_ptr).to(tl.float32)
+    z = nipq_z(tl.load(seed_ptr), offs, lut_ptr, HIST)
+    if SIGNED:
+        lo = -alpha
+    else:
+        lo = 0.0
+    y = tl.where(above, alpha, tl.where(below, lo, x + z * delta))
+    tl.store(y_ptr + offs, to_out(y, y_ptr.dtype.element_ty), mask=mask)
+    if WRITE_Z:
+        tl.store(z_ptr + offs, z, mask=mask)
+
+
+@triton.jit
+def _noise_bwd_kernel(g_ptr, x_ptr, alpha_ptr, seed_ptr, lut_ptr, gx_ptr, part_ptr, out_ptr,
+                      ticket_ptr, n, nblk, SIGNED: tl.constexpr, HIST: tl.constexpr,
+                      NEED_X: tl.constexpr, NEED_P: tl.constexpr, BLOCK: tl.constexpr,
+                      SUM_BLOCK: tl.constexpr):
+    offs, mask, x, alpha, above, below = _noise_site(x_ptr, alpha_ptr, n, SIGNED, BLOCK)
+    grad = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     inside = ~(above | below)
     if NEED_X:
         tl.store(gx_ptr + offs, to_out(tl.where(inside, grad, 0.0), gx_ptr.dtype.element_ty),
                  mask=mask)
     if NEED_P:
-        seed = tl.load(seed_ptr)
-        z = nipq_z(seed, offs, lut_ptr, HIST)
+        pid = tl.program_id(0)
+        z = nipq_z(tl.load(seed_ptr), offs, lut_ptr, HIST)
         g_alpha = tl.where(above, grad, 0.0)
         if SIGNED:
             g_alpha = g_alpha - tl.where(below, grad, 0.0)
         g_delta = tl.where(inside, grad * z, 0.0)
         tl.store(part_ptr + pid, tl.sum(tl.where(mask, g_alpha, 0.0), axis=0))
         tl.store(part_ptr + nblk + pid, tl.sum(tl.where(mask, g_delta, 0.0), axis=0))
+        finish_sums(part_ptr, out_ptr, ticket_ptr, 2, nblk, 1.0, SUM_BLOCK=SUM_BLOCK)
 
 
 @triton.jit
@@ -115,8 +122,8 @@ def _hist_kernel(x_ptr, alpha_ptr, delta_ptr, hist_ptr, n, SIGNED: tl.constexpr,
     else:
         valid = mask & (x > 0.0) & (x < alpha)
     r = tl.math.div_rn(x, delta)
-    err = tl.where(valid, rint(r) - r, 0.0)
-    b = tl.minimum(tl.maximum(((err + 0.5) * BINS).to(tl.int32), 0), BINS - 1)
+    v = (rint(r) - r) * BINS + (BINS // 2 + 1)  # 1 + bin, in [1, BINS + 1]
+    b = tl.minimum(tl.where(valid, v, 1.0).to(tl.int32), BINS) - 1
     h = tl.histogram(b, BINS, mask=valid)
     tl.atomic_add(hist_ptr + tl.arange(0, BINS), h)
 
@@ -136,51 +143,40 @@ def _lut_kernel(hist_ptr, lut_ptr, L: tl.constexpr, BINS: tl.constexpr, BLOCK: t
 
 
 @triton.jit
-def _hard_fwd_kernel(x_ptr, alpha_ptr, y_ptr, n, n_f, LO: tl.constexpr, BLOCK: tl.constexpr):
+def _hard_site(x_ptr, alpha_ptr, n, n_f, LO: tl.constexpr, BLOCK: tl.constexpr):
+    """``(offs, mask, alpha, clipped)``: the clipped ratio ``clip(x / alpha, LO, 1)``."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     alpha = tl.load(alpha_ptr).to(tl.float32)
-    ratio = tl.minimum(tl.maximum(tl.math.div_rn(x, alpha), LO,
-                                  propagate_nan=tl.PropagateNan.ALL),
-                       1.0, propagate_nan=tl.PropagateNan.ALL)
-    code = rint(n_f * ratio)
-    y = code * tl.math.div_rn(alpha, n_f)
+    return offs, mask, alpha, clip(tl.math.div_rn(x, alpha), LO, 1.0)
+
+
+@triton.jit
+def _hard_fwd_kernel(x_ptr, alpha_ptr, y_ptr, n, n_f, LO: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask, alpha, clipped = _hard_site(x_ptr, alpha_ptr, n, n_f, LO, BLOCK)
+    y = rint(clipped * n_f) * tl.math.div_rn(alpha, n_f)
     tl.store(y_ptr + offs, to_out(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _hard_bwd_kernel(g_ptr, x_ptr, alpha_ptr, gx_ptr, part_ptr, n, n_f, LO: tl.constexpr,
-                     INCL: tl.constexpr, NEED_X: tl.constexpr, NEED_A: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+def _hard_bwd_kernel(g_ptr, x_ptr, alpha_ptr, gx_ptr, part_ptr, out_ptr, ticket_ptr, n, nblk,
+                     n_f, LO: tl.constexpr, NEED_X: tl.constexpr, NEED_A: tl.constexpr,
+                     BLOCK: tl.constexpr, SUM_BLOCK: tl.constexpr):
+    offs, mask, alpha, clipped = _hard_site(x_ptr, alpha_ptr, n, n_f, LO, BLOCK)
     grad = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    alpha = tl.load(alpha_ptr).to(tl.float32)
-    r = tl.math.div_rn(x, alpha)
-    if INCL:  # does torch.clamp's gradient pass at the bounds? (torch version dependent)
-        inside = (r >= LO) & (r <= 1.0)
-    else:
-        inside = (r > LO) & (r < 1.0)
-    scale = tl.math.div_rn(alpha, n_f)
+    outside = (clipped <= LO) | (clipped >= 1.0)
     if NEED_X:
-        gx = tl.where(inside, tl.math.div_rn((grad * scale) * n_f, alpha), 0.0)
-        tl.store(gx_ptr + offs, to_out(gx, gx_ptr.dtype.element_ty), mask=mask)
+        tl.store(gx_ptr + offs, to_out(tl.where(outside, 0.0, grad), gx_ptr.dtype.element_ty),
+                 mask=mask)
     if NEED_A:
-        ratio = tl.minimum(tl.maximum(r, LO, propagate_nan=tl.PropagateNan.ALL), 1.0,
-                           propagate_nan=tl.PropagateNan.ALL)
-        rn = n_f * ratio
-        term = tl.math.div_rn(rint(rn) - tl.where(inside, rn, 0.0), n_f)
-        tl.store(part_ptr + pid, tl.sum(tl.where(mask, grad * term, 0.0), axis=0))
+        nc = clipped * n_f
+        term = tl.math.div_rn(rint(nc) - nc, n_f) + tl.where(outside, clipped, 0.0)
+        tl.store(part_ptr + tl.program_id(0), tl.sum(tl.where(mask, grad * term, 0.0), axis=0))
+        finish_sums(part_ptr, out_ptr, ticket_ptr, 1, nblk, 1.0, SUM_BLOCK=SUM_BLOCK)
 
 
 # -- host side -------------------------------------------------------------------------------
-
-def _scalar(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().reshape(-1).contiguous()
-
 
 def noise_lut(x: torch.Tensor, alpha: torch.Tensor, delta: torch.Tensor, signed: bool,
               return_hist: bool = False):
@@ -189,7 +185,7 @@ def noise_lut(x: torch.Tensor, alpha: torch.Tensor, delta: torch.Tensor, signed:
     xd, n = channel_layout(x, 1)
     hist = torch.zeros(HIST_BINS, device=xd.device, dtype=torch.int32)
     if n > 0:
-        _hist_kernel[(triton.cdiv(n, BLOCK),)](xd, _scalar(alpha), _scalar(delta), hist, n,
+        _hist_kernel[(triton.cdiv(n, BLOCK),)](xd, scalar(alpha), scalar(delta), hist, n,
                                               SIGNED=bool(signed), BINS=HIST_BINS, BLOCK=BLOCK,
                                               num_warps=NUM_WARPS, enable_fp_fusion=False)
     lut = torch.empty(LUT_SIZE, device=xd.device, dtype=torch.uint8)
@@ -208,7 +204,7 @@ def noise_forward(x: torch.Tensor, alpha: torch.Tensor, delta: torch.Tensor, see
     hist = lut is not None
     if n > 0:
         _noise_fwd_kernel[(triton.cdiv(n, BLOCK),)](
-            xd, _scalar(alpha), _scalar(delta), seed, lut if hist else seed, y,
+            xd, scalar(alpha), scalar(delta), seed, lut if hist else seed, y,
             z if return_z else y, n, SIGNED=bool(signed), HIST=hist, WRITE_Z=return_z,
             BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
     if xd is not x:
@@ -216,27 +212,34 @@ def noise_forward(x: torch.Tensor, alpha: torch.Tensor, delta: torch.Tensor, see
     return (y, z) if return_z else y
 
 
+def _backward(kernel, rows: int, grad, x, need_x: bool, need_params: bool, inputs: tuple,
+              scalars: tuple, **consts):
+    """Launch a one-pass backward kernel ``kernel(grad, x, *inputs, grad_x, partials, out,
+    ticket, n, nblk, *scalars)``: ``(grad_x or None, parameter gradients fp32 [rows] or
+    None)``."""
+    xd, n = channel_layout(x, 1)
+    nblk = max(triton.cdiv(n, BLOCK), 1)
+    gx = torch.empty_like(xd) if need_x else None
+    part, out = grads(rows, nblk, xd, need_params)
+    if n > 0 and (need_x or need_params):
+        kernel[(nblk,)](match(grad, xd), xd, *inputs, gx if need_x else xd, part, out,
+                        ticket(xd.device), n, nblk, *scalars, NEED_X=need_x, BLOCK=BLOCK,
+                        SUM_BLOCK=SUM_BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+                        **consts)
+    elif need_params:
+        out = torch.zeros(rows, device=xd.device, dtype=torch.float32)
+    if gx is not None and xd is not x:
+        gx = like(gx, x)
+    return gx, (out if need_params else None)
+
+
 def noise_backward(grad, x, alpha, seed, lut, signed, need_x=True, need_params=True):
     """``(grad_x, grad_params)``: ``grad_params`` fp32 ``[2]`` holds the direct ``alpha``
     gradient and the ``delta`` gradient."""
-    xd, n = channel_layout(x, 1)
-    gd = match(grad, xd)
-    nblk = max(triton.cdiv(n, BLOCK), 1)
-    gx = torch.empty_like(xd) if need_x else None
-    part = (torch.empty if n > 0 else torch.zeros)((2, nblk), device=xd.device,
-                                                  dtype=torch.float32) if need_params else None
     hist = lut is not None
-    if n > 0 and (need_x or need_params):
-        _noise_bwd_kernel[(nblk,)](
-            gd, xd, _scalar(alpha), seed, lut if hist else seed, gx if need_x else xd,
-            part if need_params else xd, n, nblk, SIGNED=bool(signed), HIST=hist, NEED_X=need_x,
-            NEED_P=need_params, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
-    gp = None
-    if need_params:
-        gp = sum_rows(part, 1.0, torch.empty(2, device=xd.device, dtype=torch.float32))
-    if gx is not None and xd is not x:
-        gx = like(gx, x)
-    return gx, gp
+    return _backward(_noise_bwd_kernel, 2, grad, x, need_x, need_params,
+                     (scalar(alpha), seed, lut if hist else seed), (), SIGNED=bool(signed),
+                     HIST=hist, NEED_P=need_params)
 
 
 def hard_forward(x: torch.Tensor, alpha: torch.Tensor, n_levels: int, signed: bool):
@@ -244,29 +247,12 @@ def hard_forward(x: torch.Tensor, alpha: torch.Tensor, n_levels: int, signed: bo
     y = torch.empty_like(xd)
     if n > 0:
         _hard_fwd_kernel[(triton.cdiv(n, BLOCK),)](
-            xd, _scalar(alpha), y, n, float(n_levels), LO=-1.0 if signed else 0.0, BLOCK=BLOCK,
+            xd, scalar(alpha), y, n, float(n_levels), LO=-1.0 if signed else 0.0, BLOCK=BLOCK,
             num_warps=NUM_WARPS, enable_fp_fusion=False)
     return like(y, x) if xd is not x else y
 
 
-def hard_backward(grad, x, alpha, n_levels, signed, need_x=True, need_alpha=True,
-                  inclusive=False):
-    """``(grad_x, grad_alpha)``; ``grad_alpha`` fp32 shape ``[1]``. ``inclusive``: the
-    clip passes the gradient at its bounds (as ``torch.clamp`` does in the running version)."""
-    xd, n = channel_layout(x, 1)
-    gd = match(grad, xd)
-    nblk = max(triton.cdiv(n, BLOCK), 1)
-    gx = torch.empty_like(xd) if need_x else None
-    part = (torch.empty if n > 0 else torch.zeros)((1, nblk), device=xd.device,
-                                                  dtype=torch.float32) if need_alpha else None
-    if n > 0 and (need_x or need_alpha):
-        _hard_bwd_kernel[(nblk,)](
-            gd, xd, _scalar(alpha), gx if need_x else xd, part if need_alpha else xd, n,
-            float(n_levels), LO=-1.0 if signed else 0.0, INCL=bool(inclusive), NEED_X=need_x,
-            NEED_A=need_alpha,
-            BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
-    ga = sum_rows(part, 1.0, torch.empty(1, device=xd.device, dtype=torch.float32)) \
-        if need_alpha else None
-    if gx is not None and xd is not x:
-        gx = like(gx, x)
-    return gx, ga
+def hard_backward(grad, x, alpha, n_levels, signed, need_x=True, need_alpha=True):
+    """``(grad_x, grad_alpha)``; ``grad_alpha`` fp32 shape ``[1]``."""
+    return _backward(_hard_bwd_kernel, 1, grad, x, need_x, need_alpha, (scalar(alpha),),
+                     (float(n_levels),), LO=-1.0 if signed else 0.0, NEED_A=need_alpha)
