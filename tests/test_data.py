@@ -157,6 +157,33 @@ def test_cache_hit_returns_identical_arrays(tmp_path, monkeypatch):
         load_npz_jpeg(path)
 
 
+def test_large_subset_writes_the_cache(tmp_path, monkeypatch):
+    """A subset of at least a quarter of the file decodes the whole file once and caches it,
+    so that every later process (a benchmark's rows) reads decoded images instead of JPEG."""
+    images = np.random.default_rng(1).integers(0, 256, (40, 8, 6, 3), dtype=np.uint8)
+    path = tmp_path / "set" / "train.npz"
+    path.parent.mkdir()
+    write_npz(path, images, np.arange(40) % 4, ["a", "b", "c", "d"])
+    decoded = []
+    real_decode = npz_source._decode
+
+    def counting_decode(jpeg, offsets, indices):
+        decoded.append(len(indices))
+        return real_decode(jpeg, offsets, indices)
+
+    monkeypatch.setattr(npz_source, "_decode", counting_decode)
+    small = load_npz_jpeg(path, list(range(9)))  # 9 of 40 < 25%: decoded alone
+    assert decoded == [9] and not (tmp_path / "cache").exists()
+    subset = [39, 0, 17, 5, 22, 8, 31, 12, 2, 26]  # 10 of 40: the whole file, cached
+    big, labels, _ = load_npz_jpeg(path, subset)
+    assert decoded == [9, 40] and len(list((tmp_path / "cache").glob("set-train-*.npy"))) == 1
+    assert labels.tolist() == [i % 4 for i in subset]
+    full, _, _ = load_npz_jpeg(path)  # from the cache: nothing decoded
+    assert decoded == [9, 40]
+    np.testing.assert_array_equal(big, full[subset])
+    np.testing.assert_array_equal(small[0], full[:9])
+
+
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
@@ -385,3 +412,26 @@ def test_build_data_image_folder(tmp_path):
 def test_build_data_errors(spec, error, match):
     with pytest.raises(error, match=match):
         build_data(spec)
+
+
+def test_run_seed_orders_device_batches_and_data_seed_splits(cifar_root):
+    """build_data(spec, seed): the run's seed changes the order and augmentation of a
+    device-resident loader's batches, not the split, which only data.seed chooses."""
+    spec = {"name": "npz-jpeg", "root": str(cifar_root), "subset_per_class": 12, "val_size": 20,
+            "test_per_class": 2, "batch_size": 16, "device_resident": True, "device": "cpu",
+            "seed": 0}
+
+    def first_batch(bundle):  # epoch 0's (iterating advances the epoch)
+        return next(iter(bundle.train))[0]
+
+    a, b = build_data(spec, seed=0), build_data(spec, seed=1)
+    for split in ("val", "test"):  # the same images, in the same order
+        torch.testing.assert_close(next(iter(getattr(a, split)))[0],
+                                   next(iter(getattr(b, split)))[0], rtol=0, atol=0)
+    assert not torch.equal(first_batch(a), first_batch(b))
+    torch.testing.assert_close(first_batch(build_data(spec, seed=1)),
+                               first_batch(build_data(spec, seed=1)), rtol=0, atol=0)
+    torch.testing.assert_close(first_batch(build_data(spec)),
+                               first_batch(build_data(spec, seed=0)), rtol=0, atol=0)
+    other_split = build_data({**spec, "seed": 1}, seed=0)
+    assert not torch.equal(next(iter(other_split.val))[0], next(iter(a.val))[0])

@@ -36,8 +36,11 @@ def did_you_mean(value, allowed) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def build_data(spec: dict) -> DataBundle:
-    """Build the datasets described by a recipe's ``data:`` section.
+def build_data(spec: dict, seed: int | None = None) -> DataBundle:
+    """Build the datasets described by a run file's ``data:`` section.
+
+    ``seed`` (the run's ``seed``; default ``data.seed``) orders and augments the batches of a
+    device-resident loader; ``data.seed`` chooses the split.
 
     ``name`` (required) is one of:
 
@@ -51,7 +54,7 @@ def build_data(spec: dict) -> DataBundle:
       224 for evaluation, ImageNet mean/std.
 
     Common keys: ``batch_size`` (128), ``num_workers`` (0 for in-memory data, else up to 8),
-    ``seed`` (0; subsets, splits and shuffling), ``drop_last`` (False; training batches),
+    ``seed`` (0; subsets, splits, and shuffling unless ``seed`` is given), ``drop_last`` (False),
     ``val_size``: images held out of the training data for validation, stratified (default
     10% of the training pool, i.e. 5,000 for CIFAR; 0 for image folders, giving ``val=None``).
     Array datasets (``npz-jpeg``, ``cifar10``, ``cifar100``) also take ``subset_per_class``
@@ -59,7 +62,7 @@ def build_data(spec: dict) -> DataBundle:
     subset), ``device_resident`` (False; serve batches from a :class:`DeviceLoader`), ``device``
     (for ``device_resident``; default CUDA when available) and ``channels_last`` (False).
     """
-    spec = dict(spec)
+    spec, run_seed = dict(spec), None if seed is None else int(seed)
     name = spec.get("name")
     if name not in DATA_KEYS:
         raise ValueError(
@@ -97,7 +100,7 @@ def build_data(spec: dict) -> DataBundle:
         )
     if name in ("imagefolder", "imagenet"):
         return image_folder_bundle(spec, options)
-    return _array_bundle(name, spec, options)
+    return _array_bundle(name, spec, options, options["seed"] if run_seed is None else run_seed)
 
 
 def _load_arrays(name: str, spec: dict, subset_per_class, test_per_class, seed: int):
@@ -141,7 +144,7 @@ def _load_arrays(name: str, spec: dict, subset_per_class, test_per_class, seed: 
     return (*arrays, list(train.classes))
 
 
-def _array_bundle(name: str, spec: dict, options: dict) -> DataBundle:
+def _array_bundle(name: str, spec: dict, options: dict, shuffle_seed: int) -> DataBundle:
     seed = options["seed"]
     train_x, train_y, test_x, test_y, classes = _load_arrays(
         name,
@@ -168,7 +171,7 @@ def _array_bundle(name: str, spec: dict, options: dict) -> DataBundle:
                 std,
                 train=split == "train",
                 device=device,
-                seed=seed,
+                seed=shuffle_seed,
                 drop_last=split == "train" and options["drop_last"],
                 channels_last=bool(spec.get("channels_last", False)),
             )

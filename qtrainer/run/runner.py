@@ -113,7 +113,7 @@ def prepare(cfg: RunConfig):
     from ..models import build_model, load_checkpoint_weights
 
     try:
-        bundle = build_data(cfg.data)
+        bundle = build_data(cfg.data, seed=cfg.seed)
     except (ValueError, FileNotFoundError, OSError, ImportError) as e:
         raise RunFileError("data", f"data: {e}") from None
     spec = {k: v for k, v in cfg.model.items() if k != "checkpoint"}
