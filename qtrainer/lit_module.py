@@ -79,13 +79,17 @@ class ClassificationModule(pl.LightningModule):
         label_smoothing: of the cross-entropy term.
         example_input: an input batch; becomes ``example_input_array`` (what the QAT
             callback traces the layers with).
+        eval_fp32: run validation, test and predict steps with autocast off, i.e. in fp32
+            when training under a mixed precision (``bf16-mixed``, ``16-mixed``): the weights
+            are fp32 there, so evaluation is exactly the fp32 model's.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, optimizer: Mapping | None = None,
                  teacher: nn.Module | None = None, distill_temperature: float = 1.0,
                  distill_weight: float = 1.0, label_smoothing: float = 0.0,
-                 example_input: torch.Tensor | None = None):
+                 example_input: torch.Tensor | None = None, eval_fp32: bool = False):
         super().__init__()
+        self.eval_fp32 = bool(eval_fp32)
         self.model = model
         self.num_classes = int(num_classes)
         self.optimizer_config = {**DEFAULT_OPTIMIZER, **dict(optimizer or {})}
@@ -142,9 +146,15 @@ class ClassificationModule(pl.LightningModule):
         self.log("train_acc", self.train_top1, on_step=False, on_epoch=True)
         return loss
 
+    def _eval_forward(self, x) -> torch.Tensor:
+        if not self.eval_fp32:
+            return self(x)
+        with torch.autocast(self.device.type, enabled=False):
+            return self(x)
+
     def _eval_step(self, batch, stage: str):
         x, y = _split(batch)
-        logits = self(x)
+        logits = self._eval_forward(x)
         loss = F.cross_entropy(logits.float(), y)
         getattr(self, f"{stage}_top1")(logits, y)
         getattr(self, f"{stage}_top5")(logits, y)
@@ -160,7 +170,7 @@ class ClassificationModule(pl.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         x = _split(batch)[0] if isinstance(batch, (tuple, list, Mapping)) else batch
-        return self(x)
+        return self._eval_forward(x)
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):

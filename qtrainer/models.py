@@ -128,6 +128,51 @@ class SmallCNN(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
+def _conv_bn_relu(in_channels: int, out_channels: int, pool: bool = False) -> nn.Sequential:
+    """conv3×3 (no bias), optional 2×2 max pool, BN, ReLU."""
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=False)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers, nn.BatchNorm2d(out_channels), nn.ReLU())
+
+
+class _Residual(nn.Module):
+    """``x + b(a(x))`` with two conv-BN-ReLU layers of ``channels`` channels."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.a, self.b = _conv_bn_relu(channels, channels), _conv_bn_relu(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.b(self.a(x))
+
+
+class ResNet9(nn.Module):
+    """The DAWNBench ResNet-9 (Page 2018, "How to train your ResNet") scaled by ``width``
+    (64 is the original 6.5M-parameter net; 16 has 0.41M parameters and 24 M MACs per 32×32
+    image): prep conv (``width``) at full resolution; conv (2×) + pool + a residual pair; conv
+    (4×) + pool; conv (8×) + pool + a residual pair; global max pool; a bias-free linear
+    classifier whose logits are multiplied by ``LOGIT_SCALE`` (as in the original). 8 convs and
+    1 linear layer; inputs N × ``in_channels`` × H × W with H, W divisible by 8.
+    """
+
+    LOGIT_SCALE = 0.125
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        w = width
+        self.prep = _conv_bn_relu(in_channels, w)
+        self.layer1 = nn.Sequential(_conv_bn_relu(w, 2 * w, pool=True), _Residual(2 * w))
+        self.layer2 = _conv_bn_relu(2 * w, 4 * w, pool=True)
+        self.layer3 = nn.Sequential(_conv_bn_relu(4 * w, 8 * w, pool=True), _Residual(8 * w))
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.fc = nn.Linear(8 * w, num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.prep(x))))
+        return self.fc(torch.flatten(self.pool(x), 1)) * self.LOGIT_SCALE
+
+
 class MLP(nn.Module):
     """Flatten, then Linear-ReLU for each width in ``hidden`` (an int or a sequence), then a
     linear classifier. Input: N × ... with ``in_features`` values per sample.
@@ -150,6 +195,7 @@ class MLP(nn.Module):
 BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": resnet20,
     "resnet56": resnet56,
+    "resnet9": ResNet9,
     "small_cnn": SmallCNN,
     "mlp": MLP,
 }
@@ -187,7 +233,7 @@ def build_model(
 ) -> nn.Module:
     """Build the model described by a recipe's ``model:`` section.
 
-    Either ``name`` (a built-in: ``resnet20``, ``resnet56``, ``small_cnn``, ``mlp``; or a
+    Either ``name`` (a built-in: ``resnet20``, ``resnet56``, ``resnet9``, ``small_cnn``, ``mlp``; or a
     torchvision classification model such as ``resnet18``, ``mobilenet_v2``, built with
     ``weights=None``) with its constructor arguments as further keys, or ``class_path``
     (``package.module.ClassName``, imported from exactly that module) with ``init_args``.

@@ -40,6 +40,17 @@ from .versions import package_versions
 TASKS = ("classification",)
 
 
+EVAL_PRECISIONS = ("32-true",)
+
+
+def check_eval_precision(value: str | None) -> str | None:
+    """``None`` (the training precision) or ``"32-true"``; anything else is a ValueError."""
+    if value is not None and value not in EVAL_PRECISIONS:
+        raise ValueError(f"eval_precision={value!r} is not allowed; allowed: None (the training "
+                         f"precision), {', '.join(map(repr, EVAL_PRECISIONS))}")
+    return value
+
+
 class QTrainer:
     """Quantization-aware training of a plain ``nn.Module`` with a recipe.
 
@@ -59,6 +70,10 @@ class QTrainer:
             (``logs/csv``, ``logs/tensorboard``) go; None (default) writes nothing.
         allow_recipe_change: resume from a checkpoint written under another recipe.
         label_smoothing: of the cross-entropy term.
+        eval_precision: None (default): validation and :meth:`evaluate` run at the training
+            ``precision``; ``"32-true"``: in fp32 (autocast off) while training runs under a
+            mixed precision such as ``bf16-mixed`` (bf16 evaluation of a 2-bit model moves
+            its accuracy by tenths of a point).
         **trainer_kwargs: passed to ``lightning.pytorch.Trainer`` (``accelerator``,
             ``devices``, ``precision``, ``strategy``, ``accumulate_grad_batches``, ...);
             ``max_epochs`` is the recipe's ``phases.epochs`` (see :meth:`fit`'s ``epochs``).
@@ -69,7 +84,8 @@ class QTrainer:
                  teacher: nn.Module | None = None, num_classes: int | None = None,
                  example_input=None, batch_size: int = 128, num_workers: int = 0, seed: int = 0,
                  output_dir: str | os.PathLike | None = None, allow_recipe_change: bool = False,
-                 label_smoothing: float = 0.0, **trainer_kwargs):
+                 label_smoothing: float = 0.0, eval_precision: str | None = None,
+                 **trainer_kwargs):
         if task not in TASKS:
             raise ValueError(f"task={task!r} is not supported; allowed: {', '.join(TASKS)}")
         if not isinstance(model, nn.Module):
@@ -91,6 +107,7 @@ class QTrainer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.allow_recipe_change = allow_recipe_change
         self.label_smoothing = label_smoothing
+        self.eval_precision = check_eval_precision(eval_precision)
         self.trainer_kwargs = trainer_kwargs
         self.module: ClassificationModule | None = None
         self.callback: QuantizationCallback | None = None
@@ -120,7 +137,8 @@ class QTrainer:
             self.module = ClassificationModule(
                 self.model, self.num_classes, teacher=self.teacher if d.enabled else None,
                 distill_temperature=d.temperature, distill_weight=d.weight,
-                label_smoothing=self.label_smoothing, example_input=example)
+                label_smoothing=self.label_smoothing, example_input=example,
+                eval_fp32=self.eval_precision == "32-true")
         return self.module
 
     def _loaders(self, data, train: bool):
@@ -277,4 +295,4 @@ class QTrainer:
         return out
 
 
-__all__ = ["QTrainer", "TASKS"]
+__all__ = ["EVAL_PRECISIONS", "QTrainer", "TASKS", "check_eval_precision"]

@@ -158,6 +158,33 @@ def test_cache_hit_returns_identical_arrays(tmp_path, monkeypatch):
         load_npz_jpeg(path)
 
 
+def test_large_subset_writes_the_cache(tmp_path, monkeypatch):
+    """A subset of at least a quarter of the file decodes the whole file once and caches it,
+    so that every later process (a benchmark's rows) reads decoded images instead of JPEG."""
+    images = np.random.default_rng(1).integers(0, 256, (40, 8, 6, 3), dtype=np.uint8)
+    path = tmp_path / "set" / "train.npz"
+    path.parent.mkdir()
+    write_npz(path, images, np.arange(40) % 4, ["a", "b", "c", "d"])
+    decoded = []
+    real_decode = npz_source._decode
+
+    def counting_decode(jpeg, offsets, indices):
+        decoded.append(len(indices))
+        return real_decode(jpeg, offsets, indices)
+
+    monkeypatch.setattr(npz_source, "_decode", counting_decode)
+    small = load_npz_jpeg(path, list(range(9)))  # 9 of 40 < 25%: decoded alone
+    assert decoded == [9] and not (tmp_path / "cache").exists()
+    subset = [39, 0, 17, 5, 22, 8, 31, 12, 2, 26]  # 10 of 40: the whole file, cached
+    big, labels, _ = load_npz_jpeg(path, subset)
+    assert decoded == [9, 40] and len(list((tmp_path / "cache").glob("set-train-*.npy"))) == 1
+    assert labels.tolist() == [i % 4 for i in subset]
+    full, _, _ = load_npz_jpeg(path)  # from the cache: nothing decoded
+    assert decoded == [9, 40]
+    np.testing.assert_array_equal(big, full[subset])
+    np.testing.assert_array_equal(small[0], full[:9])
+
+
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
@@ -453,3 +480,4 @@ def test_seed_orders_batches_and_data_seed_splits(cifar_root):
 def test_build_data_errors(spec, error, match):
     with pytest.raises(error, match=match):
         build_data(spec)
+

@@ -571,7 +571,8 @@ RUN_BAD: list[tuple[str, list]] = [
     ("recipe", [3, None, [], True, ""]),
     ("compare", [3, "lsq-4bit", {"a": 1}, [3], ["lsq-4bit", None], True]),
 ]
-MODEL_INT_KWARGS = {"small_cnn": ("width",), "resnet20": (), "resnet56": (), "mlp": ("hidden",)}
+MODEL_INT_KWARGS = {"small_cnn": ("width",), "resnet9": ("width",), "resnet20": (), "resnet56": (),
+                    "mlp": ("hidden",)}
 
 
 def r_bad_value(draw, raw, cfg):

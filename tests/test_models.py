@@ -7,6 +7,7 @@ from torch import nn
 from qtrainer.models import (
     MLP,
     CifarResNet,
+    ResNet9,
     ShortcutA,
     SmallCNN,
     build_model,
@@ -57,6 +58,37 @@ def test_activations_are_distinct_modules():
     relus = [m for m in resnet20().modules() if isinstance(m, nn.ReLU)]
     assert len(relus) == 1 + 2 * 9
     assert len({id(m) for m in relus}) == len(relus)
+
+
+def test_resnet9_parameter_count_layers_and_surgery():
+    """DAWNBench ResNet-9 at width w: 8 bias-free 3x3 convs (w, 2w, 2w, 2w, 4w, 8w, 8w, 8w
+    output channels) with a BN each, a bias-free 8w -> classes linear."""
+    def count(w, c_in=3, classes=10):
+        convs = [(c_in, w), (w, 2 * w), (2 * w, 2 * w), (2 * w, 2 * w), (2 * w, 4 * w),
+                 (4 * w, 8 * w), (8 * w, 8 * w), (8 * w, 8 * w)]
+        return sum(9 * a * b + 2 * b for a, b in convs) + 8 * w * classes
+
+    model = ResNet9(width=16)
+    assert n_params(model) == count(16) == 412_944
+    assert n_params(ResNet9(in_channels=1, num_classes=7, width=8)) == count(8, 1, 7)
+    assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 8
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    assert len(relus) == 8 and len({id(m) for m in relus}) == 8
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    built = build_model({"name": "resnet9", "width": 8}, num_classes=5, input_shape=(1, 32, 32))
+    assert built.prep[0].in_channels == 1 and built.fc.out_features == 5
+
+    import qtrainer
+
+    report = qtrainer.quantize_model(model, method="lsq", weight_bits=2, act_bits=2,
+                                     example_input=torch.randn(1, 3, 32, 32))
+    positions = {r.name: r.position for r in report}
+    assert len(report) == 9 and positions["prep.0"] == "first" and positions["fc"] == "last"
+    # every conv after the first sees a ReLU output (unsigned), the first the signed image
+    assert [r.signed_input for r in report] == [True] + [False] * 8
+    # MACs per 32x32 image: each conv at its input resolution (the pool follows the conv):
+    # prep 3->16 at 32x32, five 3x3 convs of 4.72 M each, the 128 x 10 linear
+    assert sum(r.macs for r in report) == 9 * 3 * 16 * 32 * 32 + 5 * 9 * 16 * 32 * 32 ** 2 + 1280
 
 
 def test_small_cnn_and_mlp_shapes():

@@ -137,6 +137,7 @@ def test_unknown_keys_are_named_with_a_close_match(raw, key, words):
     ({**MINIMAL, "pretrain": {"epochs": 2, "warmup_epochs": 3}}, "pretrain.warmup_epochs", []),
     ({**MINIMAL, "export": ["int", "zip"]}, "export[1]", ["'onnx'"]),
     ({**MINIMAL, "seed": -1}, "seed", ["out of range"]),
+    ({**MINIMAL, "eval_precision": "bf16-mixed"}, "eval_precision", ["'32-true'"]),
     ({k: v for k, v in MINIMAL.items() if k != "data"}, "data", ["missing required key 'data'"]),
     ({**MINIMAL, "model": "small_cnn"}, "model", ["expected a mapping"]),
 ])

@@ -236,6 +236,41 @@ def test_evaluate_before_fit_is_the_fp_model(digits, fp_model):
     assert not qt.quantized and qt.summary()["fp_acc"] == qt.fp_metrics["acc"]
 
 
+def test_eval_precision_evaluates_a_bf16_trained_model_in_fp32(digits, fp_model, tmp_path):
+    """eval_precision='32-true' under bf16-mixed: validation and evaluate() compute the fp32
+    model's loss and accuracy exactly (one batch, so no averaging order is involved), where
+    bf16 autocast changes the loss."""
+    _, test = digits
+    x, y = test.tensors[:2]
+    x, y = x[:128], y[:128]
+    model = copy.deepcopy(fp_model).eval()
+    with torch.no_grad():
+        fp32_loss = F.cross_entropy(model(x), y).item()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16_loss = F.cross_entropy(model(x).float(), y).item()
+    assert abs(bf16_loss - fp32_loss) > 1e-4  # bf16 really changes it
+    batch = [(x, y)]
+    plain = QTrainer(copy.deepcopy(fp_model), "lsq-4bit", precision="bf16-mixed", **QUIET)
+    assert plain.evaluate(batch)["loss"] == pytest.approx(bf16_loss, rel=1e-6)
+    qt = QTrainer(copy.deepcopy(fp_model), "lsq-4bit", precision="bf16-mixed",
+                  eval_precision="32-true", **QUIET)
+    assert qt.evaluate(batch)["loss"] == pytest.approx(fp32_loss, rel=1e-6)
+    # validation during fit too: a model whose quantizers are off is the FP model
+    from qtrainer.surgery import set_quantizers
+
+    class QuantizersOff(pl.Callback):
+        def on_validation_start(self, trainer, pl_module):
+            set_quantizers(pl_module, enabled=False)
+
+    qt.fit(batch, batch, epochs=1, callbacks=[QuantizersOff()])
+    qt.model.eval()
+    with torch.no_grad():
+        expected = F.cross_entropy(qt.model(x), y).item()
+    assert qt.history["val_loss"] == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="eval_precision='bf16'.*'32-true'"):
+        QTrainer(fp_model, "lsq-4bit", eval_precision="bf16")
+
+
 def test_epoch_shuffle_sampler_depends_on_seed_and_epoch_only():
     a, b = EpochShuffleSampler(50, seed=3), EpochShuffleSampler(50, seed=3)
     first = list(a)

@@ -42,7 +42,8 @@ def load_checkpoint_model(ckpt: str | os.PathLike, cfg: RunConfig):
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {ckpt} holds no state dict")
     quantized = any(".weight_quantizer." in k or ".input_quantizer." in k for k in state)
-    module = ClassificationModule(model, bundle.num_classes, example_input=bundle.example_input)
+    module = ClassificationModule(model, bundle.num_classes, example_input=bundle.example_input,
+                                  eval_fp32=cfg.eval_precision == "32-true")
     if quantized:
         quantize_model(module, **cfg.recipe.surgery_kwargs(), example_input=bundle.example_input)
     if not any(k.startswith("model.") for k in state):

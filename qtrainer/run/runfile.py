@@ -4,6 +4,8 @@ Schema (``recipe``, ``model`` and ``data`` are required; everything else is opti
 
     seed: 0                      # model init, batch order, augmentation, noise (not the split)
     num_threads: 1               # torch CPU threads for this run (default: torch's choice)
+    eval_precision: 32-true      # validation and test in fp32 while trainer.precision is a
+                                 # mixed precision (default: null, the training precision)
     output_dir: runs/my-run      # default runs/<run file name>; relative to the working dir
     recipe: lsq-4bit             # a recipe name or path, or a mapping (inline or `extends:`)
     compare: [nipq-mp-4bit]      # more recipes, each trained from the same FP model
@@ -45,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from ..recipes import Recipe, RecipeError, apply_overrides, load_recipe
-from ..recipes.checks import Int, Nullable, Text
+from ..recipes.checks import Int, Nullable, OneOf, Text
 from ..recipes.errors import ROOT, show
 from ..recipes.io import is_path_reference, read_recipe_file
 from ..recipes.scaling import scale_epochs
@@ -55,8 +57,8 @@ from .errors import RunFileError, err, mapping, unknown
 from .sections import EXPORT_FORMATS, Pretrain, check_data, check_export, check_model
 from .trainer_keys import check_trainer
 
-TOP_KEYS = ("seed", "num_threads", "output_dir", "recipe", "compare", "model", "pretrain", "data", "trainer",
-            "export")
+TOP_KEYS = ("seed", "num_threads", "eval_precision", "output_dir", "recipe", "compare", "model",
+            "pretrain", "data", "trainer", "export")
 REQUIRED = ("recipe", "model", "data")
 RUN_FILE_MARKERS = ("recipe", "model", "data", "trainer", "pretrain", "compare", "output_dir")
 
@@ -132,6 +134,7 @@ class RunConfig:
         data: the ``data:`` mapping for :func:`qtrainer.data.build_data` (``seed`` filled).
         trainer: ``lightning.pytorch.Trainer`` arguments (``max_epochs`` included if given).
         export: formats to export after training.
+        eval_precision: None (validation and test at ``trainer.precision``) or ``32-true``.
         source: the file it came from, if any.
     """
 
@@ -145,6 +148,7 @@ class RunConfig:
     pretrain: Pretrain | None = None
     trainer: dict = field(default_factory=dict)
     export: list[str] = field(default_factory=lambda: ["int"])
+    eval_precision: str | None = None
     source: str | None = None
 
     @property
@@ -167,7 +171,8 @@ class RunConfig:
                          seed=self.seed, num_threads=self.num_threads,
                          output_dir=self.job_dirs()[index], compare=[],
                          pretrain=self.pretrain, trainer=dict(self.trainer),
-                         export=list(self.export), source=self.source)
+                         export=list(self.export), eval_precision=self.eval_precision,
+                         source=self.source)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved run file (recipes fully spelled out): what ``run.yaml`` holds;
@@ -175,6 +180,8 @@ class RunConfig:
         d: dict[str, Any] = {"seed": self.seed}
         if self.num_threads is not None:
             d["num_threads"] = self.num_threads
+        if self.eval_precision is not None:
+            d["eval_precision"] = self.eval_precision
         d.update(output_dir=str(self.output_dir), recipe=self.recipe.to_dict())
         if self.compare:
             d["compare"] = [r.to_dict() for r in self.compare]
@@ -216,6 +223,9 @@ def _validate(raw: object, source: str | None, base_dir: Path | None) -> RunConf
             raise err(key, f"missing required key '{key}'")
     seed = Int(0, 2**32 - 1)(raw.get("seed", 0), "seed")
     num_threads = Nullable(Int(1, 1024))(raw.get("num_threads"), "num_threads")
+    from ..trainer import EVAL_PRECISIONS
+
+    eval_precision = Nullable(OneOf(EVAL_PRECISIONS))(raw.get("eval_precision"), "eval_precision")
     default_dir = f"runs/{Path(source).stem}" if source else "runs/run"
     output_dir = Path(Text(what="a folder path")(raw.get("output_dir", default_dir), "output_dir"))
     trainer = check_trainer({} if raw.get("trainer") is None else raw["trainer"])
@@ -241,7 +251,7 @@ def _validate(raw: object, source: str | None, base_dir: Path | None) -> RunConf
     export = check_export(raw.get("export", ["int"]))
     return RunConfig(recipe=recipe, compare=compare, model=model, pretrain=pretrain, data=data,
                      seed=seed, num_threads=num_threads, output_dir=output_dir,
-                     trainer=trainer, export=export,
+                     trainer=trainer, export=export, eval_precision=eval_precision,
                      source=source)
 
 

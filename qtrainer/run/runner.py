@@ -133,6 +133,12 @@ def prepare(cfg: RunConfig):
     return bundle, model
 
 
+def fp_module(model: nn.Module, bundle, cfg: RunConfig) -> ClassificationModule:
+    """The classification module that evaluates a full-precision model of the run."""
+    return ClassificationModule(model, bundle.num_classes,
+                                eval_fp32=cfg.eval_precision == "32-true")
+
+
 def _trainer_kwargs(cfg: RunConfig) -> dict:
     return {k: v for k, v in cfg.trainer.items() if k != "max_epochs"}
 
@@ -162,6 +168,7 @@ def pretrain(model: nn.Module, bundle, cfg: RunConfig, out: Path, resume: bool =
     p = cfg.pretrain
     echo(f"pretraining in full precision: {p.epochs} epochs")
     module = ClassificationModule(model, bundle.num_classes, optimizer=p.optimizer_config(),
+                                  eval_fp32=cfg.eval_precision == "32-true",
                                   label_smoothing=p.label_smoothing,
                                   example_input=bundle.example_input)
     stage = out / "pretrain"
@@ -284,16 +291,14 @@ def _run(cfg: RunConfig, resume: bool, overwrite: bool, echo,
     train, val, test = bundle_loaders(bundle, cfg.seed)
     fp: dict[str, Any] | None
     if cfg.model.get("checkpoint"):
-        fp = {**evaluate_module(ClassificationModule(model, bundle.num_classes), test,
-                            _trainer_kwargs(cfg)),
+        fp = {**evaluate_module(fp_module(model, bundle, cfg), test, _trainer_kwargs(cfg)),
               "source": f"checkpoint {cfg.model['checkpoint']}"}
     elif cfg.pretrain is not None:
         fp = pretrain(model, bundle, cfg, out, resume=resume, echo=echo)
     else:
         warnings.warn("the run has neither model.checkpoint nor pretrain: QAT starts from a "
                       "randomly initialized model", stacklevel=2)
-        fp = {**evaluate_module(ClassificationModule(model, bundle.num_classes), test,
-                            _trainer_kwargs(cfg)),
+        fp = {**evaluate_module(fp_module(model, bundle, cfg), test, _trainer_kwargs(cfg)),
               "source": "random init"}
     fp_model = copy.deepcopy(model).cpu()
 
@@ -342,7 +347,8 @@ def _run_job(index: int, cfg: RunConfig, recipe: Recipe, fp_model: nn.Module, bu
     teacher = copy.deepcopy(fp_model) if recipe.distillation.enabled else None
     qt = QTrainer(model, recipe, teacher=teacher, num_classes=bundle.num_classes,
                   example_input=bundle.example_input, seed=cfg.seed, output_dir=out,
-                  allow_recipe_change=allow_recipe_change, **_trainer_kwargs(cfg))
+                  allow_recipe_change=allow_recipe_change, eval_precision=cfg.eval_precision,
+                  **_trainer_kwargs(cfg))
     qt.fp_metrics = {k: fp[k] for k in ("acc", "acc_top5", "loss") if k in fp}
     ckpt = str(last) if resume and last.is_file() else None
     echo(f"{recipe.name}: {'resuming from ' + str(last) if ckpt else 'quantization-aware training'}"
@@ -386,5 +392,5 @@ def _run_job(index: int, cfg: RunConfig, recipe: Recipe, fp_model: nn.Module, bu
     return JobResult(recipe.name, out, summary)
 
 
-__all__ = ["EXTRA_CALLBACKS", "JobResult", "RunResult", "bundle_loaders", "is_main_process",
-           "prepare", "pretrain", "run", "write_json"]
+__all__ = ["EXTRA_CALLBACKS", "JobResult", "RunResult", "bundle_loaders", "fp_module",
+           "is_main_process", "prepare", "pretrain", "run", "write_json"]
