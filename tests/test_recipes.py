@@ -416,11 +416,11 @@ def nipq(**method) -> dict:
 @pytest.mark.parametrize("make, key_path, fragments", [
     (lambda: _set(lsq4(), "method.grad_scal", "none"), "method.grad_scal",
      ["unknown key 'method.grad_scal'; did you mean 'grad_scale'? "
-      "(allowed keys in 'method': name, grad_scale, per_channel, init)"]),
+      "(allowed keys in 'method': name, grad_scale, per_channel, init, init_percentile)"]),
     (lambda: _set(lsq4(), "method.grad_scale", "numl"), "method.grad_scale",
      ["invalid value 'numl'", "allowed: one of 'numel', 'per_sample', 'none'", "did you mean 'numel'?"]),
     (lambda: _set(lsq4(), "method.name", "nipqq"), "method.name",
-     ["invalid value 'nipqq'", "'lsq', 'tempering', 'nipq'", "did you mean 'nipq'?"]),
+     ["invalid value 'nipqq'", "'lsq', 'nipq', 'tempering'", "did you mean 'nipq'?"]),
     (lambda: _set(lsq4(), "method.lambda_0", 1.0), "method.lambda_0",
      ["unknown key 'method.lambda_0' for method 'lsq' (it is a parameter of tempering)"]),
     (lambda: _set(lsq4(), "bits.weight", True), "bits.weight",
@@ -574,12 +574,13 @@ def test_effective_weight_decay_scales_other_bases_and_nipq_has_no_factors():
 def test_surgery_kwargs_contents():
     assert get_recipe("lsq-4bit").surgery_kwargs() == {
         "method": "lsq", "weight_bits": 4, "act_bits": 4,
-        "method_kwargs": {"grad_scale": "numel", "per_channel": False, "init": "lsq"},
+        "method_kwargs": {"grad_scale": "numel", "per_channel": False, "init": "lsq",
+                          "init_percentile": 99.9},
         "first_last_bits": 8, "include": ["*"], "exclude": [], "overrides": {},
     }
     t = get_recipe("tempering-2bit").surgery_kwargs()
     assert t["method_kwargs"] == {"grad_scale": "numel", "per_channel": False, "init": "lsq",
-                                  "noise": "error", "noise_dist": "uniform"}  # lambda_0, k: schedule
+                                  "init_percentile": 99.9, "noise": "error", "noise_dist": "uniform"}  # lambda_0, k: schedule
     assert (t["method"], t["weight_bits"], t["act_bits"]) == ("tempering", 2, 2)
     n = get_recipe("nipq-mp-3bit").surgery_kwargs()
     assert n["method_kwargs"] == {"noise": "histogram", "learn_bits": True, "b_min": 2, "b_max": 14,

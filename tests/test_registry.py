@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import qtrainer
+from lightning import pytorch as pl
 from qtrainer.quantizers import (LSQQuantizer, METHODS, NIPQQuantizer, Param, Quantizer,
                                  TemperingQuantizer, describe_methods, get_method, make_quantizer,
                                  method_names, register_method, registry, round_ste)
@@ -185,3 +186,91 @@ def test_toy_method_builds_and_trains(toy):
         with pytest.raises(ValueError, match="init_range"):
             qtrainer.quantize_model(nn.Sequential(nn.Linear(2, 2)), method="toy",
                                     method_kwargs={"init_range": -1.0}, example_input=x[:1, :2])
+
+
+class MLPClassifier(pl.LightningModule):
+    """What a user writes: an MLP, Adam, a StepLR schedule, accuracy logged."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                                 nn.Linear(32, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=3e-3)
+        return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.5)]
+
+
+def _installed_plugin(tmp_path, monkeypatch) -> None:
+    """Install this module's ToyQuantizer as a third-party distribution would: a dist-info
+    folder on sys.path whose entry point (group ``qtrainer.methods``) names the class; the
+    registry is emptied so that it loads every entry point again."""
+    dist = tmp_path / "toy_quant_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-quant-plugin\n"
+                                   "Version: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        f"[{registry.ENTRY_POINT_GROUP}]\ntoy = {ToyQuantizer.__module__}:ToyQuantizer\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_METHODS", {})
+    monkeypatch.setattr(registry, "_LOADED", [])
+
+
+def test_a_plugin_method_trains_through_a_recipe(tmp_path, monkeypatch):
+    """A method from outside the package (an entry point of another distribution) is a recipe
+    choice like the built-ins: its declared parameters are validated with the recipe's errors,
+    land in the resolved recipe and reach every quantizer, and the callback trains with it."""
+    from lightning import pytorch as pl_
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from qtrainer import QuantizationCallback
+    from qtrainer.recipes import RecipeError, load_recipe
+
+    _installed_plugin(tmp_path, monkeypatch)
+    assert get_method("toy").__name__ == "ToyQuantizer"
+    base = {"extends": "lsq-4bit", "name": "toy-w4a4",
+            "method": {"name": "toy", "init_range": 1.5}}  # lsq-4bit's bits, phases, LR
+    with pytest.raises(RecipeError) as bad:
+        load_recipe({**base, "method": {"name": "toy", "init_range": 0}})
+    assert bad.value.key_path == "method.init_range" and "(0, inf]" in str(bad.value)
+    with pytest.raises(RecipeError, match=r"did you mean 'init_range'\? \(allowed keys in 'method': name, init_range\)"):
+        load_recipe({**base, "method": {"name": "toy", "init_rang": 1.0}})
+    with pytest.raises(RecipeError, match=r"parameter of lsq and tempering"):
+        load_recipe({**base, "method": {"name": "toy", "grad_scale": "numel"}})
+    recipe = load_recipe(base)
+    assert recipe.to_dict()["method"] == {"name": "toy", "init_range": 1.5}
+    assert recipe.surgery_kwargs()["method_kwargs"] == {"init_range": 1.5}
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(768, 8, generator=g)
+    y = (x[:, 0] * x[:, 1] > 0).long()  # XOR of two signs: needs the hidden layers
+    train = DataLoader(TensorDataset(x[:512], y[:512]), batch_size=32, shuffle=True,
+                       generator=torch.Generator().manual_seed(1))
+    val = DataLoader(TensorDataset(x[512:], y[512:]), batch_size=256)
+    torch.manual_seed(0)
+    module = MLPClassifier()
+    trainer = pl_.Trainer(max_epochs=10, callbacks=[QuantizationCallback(recipe=recipe)],
+                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False)
+    trainer.fit(module, train, val)
+    quantizers = dict(qtrainer.named_quantizers(module))
+    assert len(quantizers) == 6 and all(type(q).__name__ == "ToyQuantizer"
+                                        for q in quantizers.values())
+    inner = [q for name, q in quantizers.items() if name.startswith("net.2.")]
+    assert [q.bits for q in inner] == [4, 4]  # the middle layer; first and last at 8
+    assert all(abs(q.log_r.item() - math.log(1.5)) > 1e-4 for q in inner)  # r was learned
+    assert isinstance(trainer.optimizers[0], torch.optim.Adam)  # the user's optimizer kept
+    # a 1-in-2 task: an MLP that learned it is far above 0.5 (chance); 256 validation points
+    # put the binomial standard deviation of a 0.5 guesser at 0.031, so 0.75 is 8 sigma above
+    assert trainer.callback_metrics["val_acc"].item() > 0.75

@@ -23,7 +23,7 @@ from .registry import (
     register_recipe,
     unregister_recipe,
 )
-from .methods import LSQMethod, NIPQMethod, TemperingMethod
+from .methods import method_section
 from .scaling import describe_length, scale_epochs
 from .schema import Recipe
 from .sections import (Bits, Distillation, Faults, FirstLast, LayerOverride, LRSchedule,
@@ -37,16 +37,13 @@ __all__ = [
     "Faults",
     "FirstLast",
     "LRSchedule",
-    "LSQMethod",
     "LayerOverride",
     "MixedPrecision",
-    "NIPQMethod",
     "Optimizer",
     "Phases",
     "Recipe",
     "RecipeError",
     "RecipeInfo",
-    "TemperingMethod",
     "WeightDecay",
     "apply_overrides",
     "describe_length",
@@ -54,6 +51,7 @@ __all__ = [
     "get_recipe",
     "list_recipes",
     "load_recipe",
+    "method_section",
     "parse_overrides",
     "register_recipe",
     "scale_epochs",

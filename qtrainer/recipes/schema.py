@@ -20,7 +20,7 @@ from typing import Any
 from .checks import Int, Patterns, Text
 from .errors import ROOT, RecipeError
 from .fields import expect_mapping, parse_section, reject_unknown
-from .methods import Method, NIPQMethod, method_kwargs, parse_method
+from .methods import Method, method_kwargs, parse_method
 from .sections import (NIPQ_PHASE_DEFAULTS, Bits, Distillation, Faults, FirstLast, LayerOverride,
                        LRSchedule, MixedPrecision, Optimizer, Phases, WeightDecay,
                        parse_overrides)
@@ -85,7 +85,7 @@ class Recipe:
             if f.default is MISSING and f.default_factory is MISSING and f.name not in d:
                 raise RecipeError(f.name, f"missing required key '{f.name}'")
         method = parse_method(d["method"])
-        phase_defaults = NIPQ_PHASE_DEFAULTS if isinstance(method, NIPQMethod) else None
+        phase_defaults = NIPQ_PHASE_DEFAULTS if method.name == "nipq" else None
         parsers = {
             "name": lambda v: NAME(v, "name"),
             "version": lambda v: Int(1, 1_000_000)(v, "version"),
@@ -111,7 +111,7 @@ class Recipe:
     def _check_consistency(self) -> None:
         """Rules that involve more than one field."""
         m = self.method
-        if isinstance(m, NIPQMethod):
+        if m.name == "nipq":
             if m.b_min >= m.b_max:
                 raise RecipeError("method.b_max", f"method.b_max: {m.b_max} must be greater than "
                                                   f"method.b_min ({m.b_min})")
@@ -164,7 +164,7 @@ class Recipe:
                 raise RecipeError("mixed_precision.value", f"mixed_precision.value: {mp.value} is only used "
                                                            "with a mixed_precision.target; allowed: null")
             return
-        if not (isinstance(m, NIPQMethod) and m.learn_bits):
+        if not (m.name == "nipq" and m.learn_bits):
             raise RecipeError("mixed_precision.target", f"mixed_precision.target: '{mp.target}' needs "
                                                         "method.name 'nipq' with method.learn_bits true; "
                                                         "allowed here: 'none'")
