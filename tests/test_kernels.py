@@ -32,7 +32,14 @@ from qtrainer.quantizers.formulas import HIST_BINS, LUT_SIZE
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
-interp_only = pytest.mark.skipif(not INTERP, reason="runs in the TRITON_INTERPRET=1 subprocess")
+
+
+def interp_only(test):
+    """Collect ``test`` only in the ``TRITON_INTERPRET=1`` subprocess of
+    :func:`test_triton_interpreter` (the only place with a Triton device to run it on)."""
+    return test if INTERP else None
+
+
 BACKENDS = ["triton"] if INTERP else ["torch"]
 SIG = torch.sigmoid(torch.tensor(1.3)).item()  # d alpha / d theta_a at theta_a = 1.3
 
