@@ -39,8 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_lib import (MODELS, ROOT, VARIANTS, aten_ops, build, cleanup, clock_for,  # noqa: E402
-                       count_launches, make_step, median, peak_mb, saved_mb, timed_rounds,
-                       torchao_available)
+                       count_launches, make_step, median, peak_mb, profile_variants, saved_mb,
+                       timed_rounds, torchao_available)
 
 from qtrainer.nn import named_quantizers  # noqa: E402
 from qtrainer.quantizers import kernels, ops  # noqa: E402
@@ -134,6 +134,9 @@ def parse_args(argv=None):
     p.add_argument("--no-micro", dest="micro", action="store_false")
     p.add_argument("--no-launches", dest="launches", action="store_false", default=True,
                    help="skip counting Triton launches through the interpreter")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one eager step of each variant (top operators by self "
+                        "CPU time)")
     p.add_argument("--check-only", action="store_true", help="run the device checks and stop")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="combine earlier result files (rows, checks, micro) into --json")
@@ -276,6 +279,9 @@ def main(argv=None) -> int:
                       + (row["error"] if "error" in row else
                          f"{row.get('ms_per_step', float('nan')):.2f} ms/step"), flush=True)
     add_ratios(result["rows"], result["launches"])
+    if args.profile:
+        result["profile"] = {name: profile_variants(name, args.variants, args, device)
+                             for name in args.models}
     if args.micro:
         from speed_checks import run_micro
 
@@ -289,6 +295,11 @@ def main(argv=None) -> int:
         for r in result["micro"]:
             print(f"  {r['case']:<22} " + (r["error"] if "error" in r else
                                             f"{r['ratio_vs_textbook']:.3f}"))
+    for name, variants in (result.get("profile") or {}).items():
+        for variant, ops_ in variants.items():
+            print(f"\nprofile {name} {variant} (share of self CPU time, calls per step):")
+            for r in ops_:
+                print(f"  {r['op'][:48]:<48} {100 * r['share']:5.1f}%  {r['calls_per_step']:g}")
     _write(args, result)
     return 1 if failed or any("error" in r for r in result["rows"]) else 0
 

@@ -269,7 +269,7 @@ def test_benchmark_cpu_quick(tmp_path, monkeypatch, capsys):
     out = tmp_path / "speed.json"
     monkeypatch.setattr(sys, "argv", [
         "speed.py", "--device", "cpu", "--quick", "--batch", "2", "--size", "8", "--warmup", "0",
-        "--rounds", "1", "--threads", "1", "--no-launches", "--json", str(out)])
+        "--rounds", "1", "--threads", "1", "--no-launches", "--profile", "--json", str(out)])
     threads = torch.get_num_threads()
     try:
         with pytest.raises(SystemExit) as done:
@@ -294,6 +294,12 @@ def test_benchmark_cpu_quick(tmp_path, monkeypatch, capsys):
     assert data["config"]["device"] == "cpu"
     assert {m["case"] for m in data["micro"]} >= {"textbook_lsq", "lsq_fused",
                                                   "nipq_histogram_fused"}
+    profile = data["profile"]["resnet20"]
+    assert set(profile) == variants
+    for ranked in profile.values():  # the top operators, by falling share of the step
+        shares = [r["share"] for r in ranked]
+        assert 0 < sum(shares) <= 1 + 1e-9 and shares == sorted(shares, reverse=True)
+    assert any(r["op"] == "aten::convolution_backward" for r in profile["fp"])
 
 
 @pytest.mark.skipif(INTERP, reason="starts its own interpreter subprocess")
