@@ -17,8 +17,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "qtrainer"
 LAYERS = [
     ("utilities", ["atomic", "versions", "class_path"]),
     ("quantizers", ["quantizers"]),
-    ("nn", ["nn", "recompute"]),
-    ("surgery", ["surgery", "forward", "checkpoint_files", "resources", "bn", "schedules",
+    ("nn", ["nn", "nn_attention", "recompute"]),
+    ("surgery", ["surgery", "layer_trace", "forward", "checkpoint_files", "resources", "bn", "schedules",
                  "export"]),
     ("recipes", ["recipes", "quantized"]),
     ("callback", ["callback"]),

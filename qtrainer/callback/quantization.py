@@ -365,6 +365,7 @@ class QuantizationCallback(Callback):
         s = summarize(pl_module)
         out = {"qat/avg_weight_bits": s.avg_weight_bits, "qat/avg_act_bits": s.avg_act_bits,
                "qat/size_mb": s.size_mb, "qat/gbops": s.gbops,
+               "qat/quantized_weight_share": s.quantized_weight_share,
                "qat/phase_hard": float(self.phase == PHASE_HARD)}
         if self.lambda_schedule is not None:
             out["qat/lambda"] = self.current_lambda

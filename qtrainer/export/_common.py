@@ -95,6 +95,14 @@ def int_weight(layer: QuantizedLayer) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale.detach().reshape(-1).clone()
 
 
+def weight_tensors(layer: QuantizedLayer) -> list[torch.Tensor]:
+    """The parameters a layer's weight quantizer acts on: its weight, or an attention layer's
+    separate q/k/v projection weights."""
+    if isinstance(layer, nn.MultiheadAttention) and not layer._qkv_same_embed_dim:
+        return [layer.q_proj_weight, layer.k_proj_weight, layer.v_proj_weight]
+    return [getattr(layer, layer.WEIGHT_NAME)]
+
+
 def scale_view(scale: torch.Tensor, dim: int) -> torch.Tensor:
     """A flat per-tensor ([1]) or per-channel ([C]) scale shaped to broadcast over dim 0."""
     return scale if scale.numel() == 1 else scale.view(-1, *([1] * (dim - 1)))
@@ -145,11 +153,15 @@ def bake_fake_quant(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for _, layer in quantized_layers(model):
             if active(layer.weight_quantizer):
-                w = layer.weight
-                codes, scale = int_weight(layer)
-                w.copy_((codes * scale_view(scale, w.dim())).to(w.dtype))
+                for w in weight_tensors(layer):
+                    codes, scale = layer.weight_quantizer.int_codes(w.detach())
+                    w.copy_((codes * scale_view(scale.reshape(-1), w.dim())).to(w.dtype))
             layer.weight_quantizer = None
             layer.input_quantizer = EvalQuant(layer.input_quantizer) if active(layer.input_quantizer) else None
+            if getattr(layer, "matmul_quantizers", None) is not None:
+                layer.matmul_quantizers = nn.ModuleDict(
+                    {k: EvalQuant(q) if active(q) else nn.Identity()
+                     for k, q in layer.matmul_quantizers.items()})
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -166,7 +178,7 @@ def layer_table(model: nn.Module) -> list[dict]:
         wq, iq = layer.weight_quantizer, layer.input_quantizer
         w = quantizer_spec(wq, "weight") if wq is not None else None
         i = quantizer_spec(iq, "input") if iq is not None else None
-        table.append({"name": name, "kind": type(layer).FLOAT_TYPES[0].__name__,
+        table.append({"name": name, "kind": layer.float_kind,
                       "method": (w or i or {}).get("method"),
                       "weight_bits": w["bits"] if w and w["enabled"] else None,
                       "act_bits": i["bits"] if i and i["enabled"] else None,

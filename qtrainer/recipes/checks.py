@@ -170,6 +170,25 @@ class Nullable:
 
 
 @dataclass(frozen=True)
+class NoneOr:
+    """``none`` (or ``null``) -> None, else a value accepted by ``inner``."""
+
+    inner: object
+
+    @property
+    def allowed(self) -> str:
+        return f"'none' (or null) or {self.inner.allowed}"
+
+    def __call__(self, value: object, path: str) -> object:
+        if value is None or value == "none":
+            return None
+        if isinstance(value, str):
+            raise RecipeError(path, f"{path}: invalid value {show(value)}; allowed: "
+                                    f"{self.allowed}{did_you_mean(value, ('none',))}")
+        return self.inner(value, path)
+
+
+@dataclass(frozen=True)
 class Patterns:
     """A list of non-empty glob patterns (module names), returned as a tuple."""
 

@@ -14,23 +14,36 @@ import fnmatch
 
 from torch import nn
 
+from ..nn import QUANTIZED_TYPES
 from ..recipes import Recipe
+from ..surgery import TYPE_PREFIX
 from .errors import RunFileError
 
 PREFIX = "model."
 """What module names start with inside qtrainer's LightningModule."""
 
-QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
-
-
 def layer_names(model: nn.Module) -> list[str]:
     """The quantizable layers of ``model`` as recipes name them in a run (``model.<name>``)."""
-    return [PREFIX + n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+    return [PREFIX + n for n, m in model.named_modules() if type(m) in QUANTIZED_TYPES]
 
 
-def _check(pattern: object, names: list[str], key: str) -> None:
+def layer_kinds(model: nn.Module) -> list[str]:
+    """The class names that ``type:<Class>`` patterns can match in ``model``."""
+    return sorted({c.__name__ for m in model.modules() if type(m) in QUANTIZED_TYPES
+                   for c in type(m).__mro__ if issubclass(c, nn.Module)} - {"Module"})
+
+
+def _check(pattern: object, names: list[str], key: str, kinds: list[str] = ()) -> None:
     if not isinstance(pattern, str):
         raise RunFileError(key, f"{key}: a layer pattern must be a string, got {pattern!r}")
+    if pattern.startswith(TYPE_PREFIX):
+        kind = pattern[len(TYPE_PREFIX):]
+        if kind in kinds:
+            return
+        close = difflib.get_close_matches(kind, kinds, n=1)
+        hint = f"; did you mean '{TYPE_PREFIX}{close[0]}'?" if close else ""
+        raise RunFileError(key, f"{key}: pattern '{pattern}' matches no quantizable layer "
+                                f"type{hint} (types: {', '.join(kinds)})")
     if any(fnmatch.fnmatchcase(n, pattern) for n in names):
         return
     if any(fnmatch.fnmatchcase(n, PREFIX + pattern) for n in names):
@@ -48,15 +61,19 @@ def check_layer_patterns(recipes: list[Recipe], model: nn.Module) -> int:
     """Raise :class:`RunFileError` (key ``recipe.include[0]``, ``compare[1].overrides.<p>``...)
     for the first pattern that matches no conv/linear layer of ``model``. Returns the number
     of quantizable layers."""
-    names = layer_names(model)
+    names, kinds = layer_names(model), layer_kinds(model)
     for index, recipe in enumerate(recipes):
         prefix = "recipe" if index == 0 else f"compare[{index - 1}]"
         kwargs = recipe.surgery_kwargs()
         for key in ("include", "exclude"):
             for i, pattern in enumerate(kwargs.get(key) or []):
-                _check(pattern, names, f"{prefix}.{key}[{i}]")
+                _check(pattern, names, f"{prefix}.{key}[{i}]", kinds)
         for pattern in kwargs.get("overrides") or {}:
-            _check(pattern, names, f"{prefix}.overrides.{pattern}")
+            _check(pattern, names, f"{prefix}.overrides.{pattern}", kinds)
+        for key in ("first", "last"):
+            name = getattr(recipe.first_last, key)
+            if name is not None and name not in names:
+                _check(name, names, f"{prefix}.first_last.{key}")  # an error with close names
     return len(names)
 
 

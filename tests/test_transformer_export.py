@@ -1,0 +1,131 @@
+"""Exports of a quantized transformer (embedding, nn.TransformerEncoder with a padding mask,
+head): the int file round trip is bit-identical, and onnxruntime runs the QDQ ONNX model as
+PyTorch does, layer by layer (input codes equal up to float32 ties, logits within the float32
+error bound of the head's sums)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import qtrainer
+from qtrainer.export import export, load_int
+from qtrainer.nn import QuantizedLayer
+
+from test_transformer import TextEncoder, batch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+TIE = 1e-2
+"""How close to a rounding boundary (in steps) two correct float32 implementations may round a
+value differently: their sums differ by a few ulps, far below 1/100 of a step."""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def quantized_encoder(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = TextEncoder(vocab=20, width=16, heads=2, layers=2)
+    ids, pad = batch(n=8, t=7)
+    qtrainer.quantize_model(model, example_input=(ids, pad), **kwargs)
+    qtrainer.initialize_quantizers(model, ids, pad)
+    return model.eval(), ids, pad
+
+
+def _input_sites(model):
+    return [layer for _, layer in model.named_modules()
+            if isinstance(layer, QuantizedLayer) and layer.input_quantizer is not None]
+
+
+def _ort_run(path, ids, pad):
+    """onnxruntime's logits and the integer codes of every QuantizeLinear, in graph order."""
+    proto = onnx.load(str(path))
+    taps = [n.output[0] for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    proto.graph.output.extend(onnx.ValueInfoProto(name=t) for t in taps)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"input_0": ids.numpy(), "input_1": pad.numpy()})
+    return torch.from_numpy(out[0]), [torch.from_numpy(c.astype(np.int64)) for c in out[1:]]
+
+
+def test_onnx_qdq_matches_pytorch_layer_by_layer_with_a_padding_mask(tmp_path):
+    model, ids, pad = quantized_encoder()
+    path = tmp_path / "encoder.onnx"
+    info = export(model, path, format="onnx", example_input=(ids, pad))
+    sites = _input_sites(model)
+    assert info["weight_dq"] == 10 and info["act_qdq"] == len(sites) == 9
+    logits, codes = _ort_run(path, ids, pad)
+    assert len(codes) == len(sites)
+
+    flips, last = 0, {}
+
+    def feed(layer, args):
+        """Check this layer's own input codes against onnxruntime's, then feed it those."""
+        nonlocal flips
+        i = sites.index(layer)
+        q = layer.input_quantizer
+        own, scale = q.int_codes(args[0])
+        other = codes[i].reshape(own.shape)
+        value = (args[0] / scale).clamp(*q.code_range)
+        near_tie = ((value - value.floor()) - 0.5).abs() < TIE
+        differ = own.long() != other
+        assert bool((differ <= near_tie).all()), (i, "codes differ away from a tie")
+        assert bool(((own.long() - other).abs() <= 1).all()), i
+        flips += int(differ.sum())
+        fed = other.to(scale.dtype) * scale
+        last["x"] = fed
+        if isinstance(layer, nn.MultiheadAttention):  # self-attention: query is key is value
+            assert args[1] is args[0] and args[2] is args[0]
+            return (fed, fed, fed, *args[3:])
+        return (fed, *args[1:])
+
+    hooks = [layer.register_forward_pre_hook(feed) for layer in sites]
+    with torch.no_grad():
+        ref = model(ids, pad)
+    for h in hooks:
+        h.remove()
+    head = model.head
+    with torch.no_grad():
+        xq = head.input_quantizer(last["x"]).abs()
+        wq = head.weight_quantizer(head.weight).abs()
+        bound = (head.in_features + 2) * torch.finfo(torch.float32).eps * (xq @ wq.T + head.bias.abs())
+    assert ((logits - ref).abs() - bound).max().item() <= 0
+    total = sum(c.numel() for c in codes)
+    assert flips <= total // 100, (flips, total)  # ties are rare
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"act_bits": None}, {"attention_matmul_bits": 8},
+                                    {"method": "nipq", "first_last_bits": "same"}])
+def test_int_file_round_trip_is_bit_identical(tmp_path, kwargs):
+    model, ids, pad = quantized_encoder(**kwargs)
+    path = tmp_path / "encoder.safetensors"
+    export(model, path, format="int")
+    with torch.no_grad():
+        expected = model(ids, pad)
+    fresh = TextEncoder(vocab=20, width=16, heads=2, layers=2)
+    loaded = load_int(path, fresh)
+    with torch.no_grad():
+        got = loaded(ids, pad)
+    assert torch.equal(got, expected)
+    assert type(loaded.encoder.layers[0].self_attn.out_proj).__name__ == "QuantLinear"
+
+
+def test_onnx_with_attention_matmul_quantizers_runs_in_onnxruntime(tmp_path):
+    model, ids, pad = quantized_encoder(attention_matmul_bits=8)
+    path = tmp_path / "encoder.onnx"
+    info = export(model, path, format="onnx", example_input=(ids, pad))
+    assert info["act_qdq"] == 9 + 2 * 4  # the layer inputs and q, k, softmax, v of 2 layers
+    logits, _ = _ort_run(path, ids, pad)
+    with torch.no_grad():
+        ref = model(ids, pad)
+    assert (logits.argmax(1) == ref.argmax(1)).all()
