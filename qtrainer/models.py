@@ -22,6 +22,7 @@ from torch import nn
 
 from .checkpoint_files import load_error_reason
 from .class_path import import_class
+from .transformer_models import SequenceClassifier, VisionTransformer
 
 
 class ShortcutA(nn.Module):
@@ -152,6 +153,8 @@ BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet56": resnet56,
     "small_cnn": SmallCNN,
     "mlp": MLP,
+    "vit": VisionTransformer,
+    "sequence_transformer": SequenceClassifier,
 }
 
 
@@ -187,7 +190,8 @@ def build_model(
 ) -> nn.Module:
     """Build the model described by a recipe's ``model:`` section.
 
-    Either ``name`` (a built-in: ``resnet20``, ``resnet56``, ``small_cnn``, ``mlp``; or a
+    Either ``name`` (a built-in: ``resnet20``, ``resnet56``, ``small_cnn``, ``mlp``, ``vit``,
+    ``sequence_transformer``; or a
     torchvision classification model such as ``resnet18``, ``mobilenet_v2``, built with
     ``weights=None``) with its constructor arguments as further keys, or ``class_path``
     (``package.module.ClassName``, imported from exactly that module) with ``init_args``.

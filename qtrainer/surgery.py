@@ -278,7 +278,7 @@ def _swap(model: nn.Module, built: list[tuple[LayerReport, QuantizedLayer]]) -> 
     changed = disable_transformer_fast_paths(model)
     if changed:
         log.info("qtrainer: the fused fast path of %s is off: it computes with the float "
-                 "weights and would skip the quantized linear1/linear2",
+                 "weights and would skip the quantized attention and feed-forward layers",
                  ", ".join(repr(n) for n in changed))
     return [r for r, _ in built]
 

@@ -23,6 +23,7 @@ LAYERS = [
     ("recipes", ["recipes", "quantized"]),
     ("callback", ["callback"]),
     ("trainer", ["trainer", "lit_module", "checkpoint_io", "loaders", "lightning_setup", "models",
+                 "transformer_models",
                  "data"]),
     ("run", ["run", "report", "runfiles"]),
     ("cli", ["cli", "cli_errors", "cli_checkpoints", "__main__"]),
