@@ -72,6 +72,10 @@ class QuantizedLayer:
         for an attention layer's ``out_proj``)."""
         return self.__dict__.get("_float_type", self.FLOAT_TYPES[0]).__name__
 
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """The parameters the weight quantizer acts on (optimizer groups, weight decay)."""
+        return [getattr(self, self.WEIGHT_NAME)]
+
     def quantized_weight(self) -> torch.Tensor:
         w = self.weight
         return w if self.weight_quantizer is None else self.weight_quantizer(w)
@@ -159,6 +163,11 @@ class QuantMultiheadAttention(QuantizedLayer, nn.MultiheadAttention):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.in_proj_bias
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        if self._qkv_same_embed_dim:
+            return [self.in_proj_weight]
+        return [self.q_proj_weight, self.k_proj_weight, self.v_proj_weight]
 
     def _projection_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         wq = self.weight_quantizer

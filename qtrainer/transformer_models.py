@@ -11,12 +11,17 @@ import torch
 from torch import nn
 
 
-def _encoder(width: int, depth: int, heads: int, mlp_ratio: int, dropout: float
-             ) -> nn.TransformerEncoder:
-    """Pre-norm GELU encoder layers, batch first (``(N, T, width)``)."""
+def _add_trunk(model: nn.Module, tokens: int, width: int, depth: int, heads: int,
+               mlp_ratio: int, dropout: float, num_classes: int) -> None:
+    """``model.pos`` (learned positions ``(1, tokens, width)``), ``model.encoder`` (pre-norm
+    GELU layers, batch first), ``model.norm`` and ``model.head``."""
+    model.pos = nn.Parameter(torch.zeros(1, tokens, width))
+    nn.init.trunc_normal_(model.pos, std=0.02)
     layer = nn.TransformerEncoderLayer(width, heads, mlp_ratio * width, dropout,
                                        activation="gelu", batch_first=True, norm_first=True)
-    return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+    model.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+    model.norm = nn.LayerNorm(width)
+    model.head = nn.Linear(width, num_classes)
 
 
 class VisionTransformer(nn.Module):
@@ -37,11 +42,7 @@ class VisionTransformer(nn.Module):
                              f"patch_size={patch_size}")
         tokens = (image_size // patch_size) ** 2
         self.patch = nn.Conv2d(in_channels, width, patch_size, patch_size)
-        self.pos = nn.Parameter(torch.zeros(1, tokens, width))
-        nn.init.trunc_normal_(self.pos, std=0.02)
-        self.encoder = _encoder(width, depth, heads, mlp_ratio, dropout)
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, num_classes)
+        _add_trunk(self, tokens, width, depth, heads, mlp_ratio, dropout, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
@@ -63,11 +64,7 @@ class SequenceClassifier(nn.Module):
         super().__init__()
         self.padding_idx = padding_idx
         self.embed = nn.Embedding(vocab_size, width, padding_idx=padding_idx)
-        self.pos = nn.Parameter(torch.zeros(1, max_len, width))
-        nn.init.trunc_normal_(self.pos, std=0.02)
-        self.encoder = _encoder(width, depth, heads, mlp_ratio, dropout)
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, num_classes)
+        _add_trunk(self, max_len, width, depth, heads, mlp_ratio, dropout, num_classes)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         pad = ids == self.padding_idx

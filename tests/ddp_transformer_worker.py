@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from lightning import pytorch as pl
 from torch import nn
 
-from qtrainer import named_quantizers
+from ddp_worker import Dump
 from qtrainer.callback import QuantizationCallback
 from qtrainer.data.sequences import majority_token_dataset
 
@@ -43,25 +43,6 @@ class LitTextEncoder(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=3e-3)
-
-
-def quantizer_state(module):
-    return {f"{n}.{k}": v.detach().clone() for n, q in named_quantizers(module)
-            for k, v in q.state_dict().items()}
-
-
-class Dump(pl.Callback):
-    def __init__(self, out):
-        self.out = out
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == 0:  # right after the callback's initialization
-            torch.save(quantizer_state(pl_module), self.out / f"rank{trainer.global_rank}_init.pt")
-
-    def on_train_end(self, trainer, pl_module):
-        torch.save(quantizer_state(pl_module), self.out / f"rank{trainer.global_rank}_end.pt")
-        torch.save({k: v.detach().clone() for k, v in pl_module.state_dict().items()},
-                   self.out / f"rank{trainer.global_rank}_model.pt")
 
 
 def main(out: Path, strategy: str):

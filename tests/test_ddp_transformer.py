@@ -10,6 +10,8 @@ from pathlib import Path
 import procs
 import pytest
 import torch
+from ddp_transformer_worker import LitTextEncoder
+from ddp_worker import assert_ranks_agree
 
 import qtrainer
 from qtrainer.data.sequences import majority_token_dataset
@@ -22,18 +24,12 @@ def test_ddp_transformer_ranks_agree_and_checkpoint_loads_on_one_process(tmp_pat
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = procs.run([sys.executable, str(WORKER), str(tmp_path), "ddp"], env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for when in ("init", "end", "model"):
-        r0 = torch.load(tmp_path / f"rank0_{when}.pt", weights_only=True)
-        r1 = torch.load(tmp_path / f"rank1_{when}.pt", weights_only=True)
-        assert r0.keys() == r1.keys() and len(r0) > 0
-        for k in r0:
-            assert torch.equal(r0[k], r1[k]), (when, k)
+    assert_ranks_agree(tmp_path)  # no BatchNorm: every entry, buffers included
     init = torch.load(tmp_path / "rank0_init.pt", weights_only=True)
     end = torch.load(tmp_path / "rank0_end.pt", weights_only=True)
     assert any(k.startswith("encoder.layers.0.self_attn.weight_quantizer") for k in init)
     assert any(not torch.equal(init[k], end[k]) for k in init)  # training moved them
 
-    from ddp_transformer_worker import LitTextEncoder
     model = qtrainer.load_quantized(LitTextEncoder, tmp_path / "last.ckpt")
     trained = torch.load(tmp_path / "rank0_model.pt", weights_only=True)
     state = model.state_dict()

@@ -16,7 +16,7 @@ from qtrainer.nn import (QuantEmbedding, QuantizedLayer, QuantLinear, QuantMulti
                          named_quantizers)
 from qtrainer.resources import summarize
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TextEncoder(nn.Module):
@@ -289,3 +289,49 @@ def test_unsupported_attention_options_are_named():
     with pytest.raises(ValueError, match="per_channel weight steps need the packed"):
         qtrainer.quantize_model(sep, example_input=(x, torch.randn(3, 1, 6), torch.randn(3, 1, 6)),
                                 method_kwargs={"per_channel": True})
+
+
+def test_callback_trains_cross_attention_with_separate_qkv_weights(recwarn):
+    """A user's LightningModule whose attention has separate q/k/v weights (kdim, vdim):
+    under the callback the quantizer parameters join the optimizer group of those weights, and
+    the recipe's optimizer (``replace``) takes the three weights as parameters."""
+    import lightning.pytorch as pl
+
+    class CrossAttention(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=True)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x, memory):
+            return self.head(self.attn(x, memory, memory, need_weights=False)[0].mean(1))
+
+        def training_step(self, batch, batch_idx):
+            x, memory, y = batch
+            return F.cross_entropy(self(x, memory), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 5, 8, generator=g),
+                                          torch.randn(16, 4, 6, generator=g),
+                                          torch.randint(0, 2, (16,), generator=g))
+    for policy in ("keep", "replace"):
+        module = CrossAttention()
+        q_before = module.attn.q_proj_weight.detach().clone()
+        cb = qtrainer.QuantizationCallback(
+            "lsq-4bit", overrides={"optimizer.policy": policy, "optimizer.lr": 0.01},
+            input_fn=lambda b: (b[0], b[1]))
+        trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, accelerator="cpu",
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False)
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+        assert isinstance(module.attn, QuantMultiheadAttention)
+        assert not torch.equal(module.attn.q_proj_weight.detach(), q_before)
+        in_optimizer = {id(p) for group in trainer.optimizers[0].param_groups
+                        for p in group["params"]}
+        assert all(id(p) in in_optimizer for p in module.attn.weight_parameters())
+        assert all(id(p) in in_optimizer for _, q in named_quantizers(module)
+                   for p in q.parameters())
+    assert not [w for w in recwarn if "in no optimizer" in str(w.message)]

@@ -14,22 +14,13 @@ import qtrainer
 from qtrainer.export import export, load_int
 from qtrainer.nn import QuantizedLayer
 
+from qdq_parity import codes_up_to_ties
 from test_transformer import TextEncoder, batch
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-TIE = 1e-2
-"""How close to a rounding boundary (in steps) two correct float32 implementations may round a
-value differently: their sums differ by a few ulps, far below 1/100 of a step."""
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quantized_encoder(seed=0, **kwargs):
@@ -73,16 +64,8 @@ def test_onnx_qdq_matches_pytorch_layer_by_layer_with_a_padding_mask(tmp_path):
         """Check this layer's own input codes against onnxruntime's, then feed it those."""
         nonlocal flips
         i = sites.index(layer)
-        q = layer.input_quantizer
-        own, scale = q.int_codes(args[0])
-        other = codes[i].reshape(own.shape)
-        value = (args[0] / scale).clamp(*q.code_range)
-        near_tie = ((value - value.floor()) - 0.5).abs() < TIE
-        differ = own.long() != other
-        assert bool((differ <= near_tie).all()), (i, "codes differ away from a tie")
-        assert bool(((own.long() - other).abs() <= 1).all()), i
-        flips += int(differ.sum())
-        fed = other.to(scale.dtype) * scale
+        fed, differ = codes_up_to_ties(layer.input_quantizer, args[0], codes[i], i)
+        flips += differ
         last["x"] = fed
         if isinstance(layer, nn.MultiheadAttention):  # self-attention: query is key is value
             assert args[1] is args[0] and args[2] is args[0]

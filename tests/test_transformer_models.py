@@ -13,7 +13,7 @@ from qtrainer.data.sequences import majority_token_dataset
 from qtrainer.models import build_model
 from qtrainer.transformer_models import SequenceClassifier
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_vit_builds_from_the_data_shape_and_quantizes_patch_projection_to_head():

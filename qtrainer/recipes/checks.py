@@ -170,22 +170,18 @@ class Nullable:
 
 
 @dataclass(frozen=True)
-class NoneOr:
+class NoneOr(Nullable):
     """``none`` (or ``null``) -> None, else a value accepted by ``inner``."""
-
-    inner: object
 
     @property
     def allowed(self) -> str:
         return f"'none' (or null) or {self.inner.allowed}"
 
     def __call__(self, value: object, path: str) -> object:
-        if value is None or value == "none":
-            return None
-        if isinstance(value, str):
+        if isinstance(value, str) and value != "none":
             raise RecipeError(path, f"{path}: invalid value {show(value)}; allowed: "
                                     f"{self.allowed}{did_you_mean(value, ('none',))}")
-        return self.inner(value, path)
+        return super().__call__(None if value == "none" else value, path)
 
 
 @dataclass(frozen=True)
