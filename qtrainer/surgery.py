@@ -183,6 +183,10 @@ def quantize_model(model: nn.Module, *, method: str = "lsq", weight_bits: int = 
     if not layers:
         raise ValueError(f"model {type(model).__name__} has nothing to quantize: no nn.Conv1d, "
                          "nn.Conv2d, nn.Linear, nn.Embedding or nn.MultiheadAttention found")
+    if "" in layers:
+        raise ValueError(f"model {type(model).__name__} is itself a quantizable layer: surgery "
+                         "replaces the layers inside a model, not the model object; wrap it, "
+                         "e.g. nn.Sequential(model)")
     _check_patterns("include", include, layers, modules)
     _check_patterns("exclude", exclude, layers, modules)
     _check_overrides(overrides, layers, modules)

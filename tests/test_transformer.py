@@ -20,11 +20,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TextEncoder(nn.Module):
-    """Token embedding, a 2-layer nn.TransformerEncoder and a linear head on the mean token."""
+    """Token embedding, a 2-layer nn.TransformerEncoder (optionally causal) and a linear head on
+    the mean token."""
 
-    def __init__(self, vocab=20, width=16, heads=2, layers=2, classes=3, batch_first=True):
+    def __init__(self, vocab=20, width=16, heads=2, layers=2, classes=3, batch_first=True,
+                 causal=False):
         super().__init__()
-        self.batch_first = batch_first
+        self.batch_first, self.causal = batch_first, causal
         self.embed = nn.Embedding(vocab, width)
         layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0,
                                            batch_first=batch_first)
@@ -33,7 +35,8 @@ class TextEncoder(nn.Module):
 
     def forward(self, ids, pad=None):
         x = self.embed(ids if self.batch_first else ids.t())
-        x = self.encoder(x, src_key_padding_mask=pad)
+        mask = nn.Transformer.generate_square_subsequent_mask(ids.shape[1]) if self.causal else None
+        x = self.encoder(x, mask=mask, src_key_padding_mask=pad, is_causal=self.causal or None)
         return self.head(x.mean(1 if self.batch_first else 0))
 
 
@@ -92,6 +95,17 @@ def test_state_dict_names_are_the_float_models():
     fp.load_state_dict(qtrainer.fp_state_dict(q))  # strict: exactly the FP names
 
 
+class Holder(nn.Module):
+    """A user's module around one attention layer (surgery replaces layers inside a model)."""
+
+    def __init__(self, attn):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, *args, **kwargs):
+        return self.attn(*args, **kwargs)
+
+
 def _disabled_copy(module):
     for _, q in named_quantizers(module):
         q.enabled = False
@@ -107,10 +121,12 @@ def test_quantized_attention_with_quantizers_off_is_torch_attention(batch_first,
     l, s, n, e = 5, 4, 3, 8
     for kdim in (None, 6):
         fp = nn.MultiheadAttention(e, 2, batch_first=batch_first, kdim=kdim, vdim=kdim).eval()
-        q = copy.deepcopy(fp)
+        q = Holder(copy.deepcopy(fp))
         shape = (lambda t, d: (n, t, d)) if batch_first else (lambda t, d: (t, n, d))
         memory = torch.randn(shape(s, kdim or e))
         qtrainer.quantize_model(q, example_input=(torch.randn(shape(l, e)), memory, memory))
+        assert isinstance(q.attn, QuantMultiheadAttention)
+        assert isinstance(q.attn.out_proj, QuantLinear)
         _disabled_copy(q).eval()
         query, memory = torch.randn(shape(l, e)), torch.randn(shape(s, kdim or e))
         pad = torch.zeros(n, s, dtype=torch.bool)
@@ -281,11 +297,13 @@ def test_summary_counts_full_precision_layers_at_their_width():
 
 
 def test_unsupported_attention_options_are_named():
-    mha = nn.MultiheadAttention(8, 2, add_bias_kv=True)
+    with pytest.raises(ValueError, match="is itself a quantizable layer.*nn.Sequential"):
+        qtrainer.quantize_model(nn.MultiheadAttention(8, 2), example_input=torch.randn(3, 1, 8))
+    mha = Holder(nn.MultiheadAttention(8, 2, add_bias_kv=True))
     x = torch.randn(3, 1, 8)
     with pytest.raises(ValueError, match="add_bias_kv or add_zero_attn is not supported"):
         qtrainer.quantize_model(mha, example_input=(x, x, x))
-    sep = nn.MultiheadAttention(8, 2, kdim=6, vdim=6)
+    sep = Holder(nn.MultiheadAttention(8, 2, kdim=6, vdim=6))
     with pytest.raises(ValueError, match="per_channel weight steps need the packed"):
         qtrainer.quantize_model(sep, example_input=(x, torch.randn(3, 1, 6), torch.randn(3, 1, 6)),
                                 method_kwargs={"per_channel": True})
@@ -335,3 +353,22 @@ def test_callback_trains_cross_attention_with_separate_qkv_weights(recwarn):
         assert all(id(p) in in_optimizer for _, q in named_quantizers(module)
                    for p in q.parameters())
     assert not [w for w in recwarn if "in no optimizer" in str(w.message)]
+
+
+def test_run_file_patterns_name_layer_types_and_first_last_layers():
+    """``qtrainer validate``/``run`` check ``type:`` patterns and first_last names against the
+    model (inside qtrainer's LightningModule, as ``model.<name>``)."""
+    from qtrainer.run.errors import RunFileError
+    from qtrainer.run.layers import check_layer_patterns
+
+    model = TextEncoder()
+    good = qtrainer.load_recipe("lsq-4bit", overrides={
+        "overrides.type:Embedding.weight_bits": 8, "exclude": ["type:MultiheadAttention"],
+        "first_last.first": "model.embed"})
+    assert check_layer_patterns([good], model) == 10
+    typo = qtrainer.load_recipe("lsq-4bit", overrides={"exclude": ["type:MultiHeadAttention"]})
+    with pytest.raises(RunFileError, match=r"did you mean 'type:MultiheadAttention'"):
+        check_layer_patterns([typo], model)
+    wrong = qtrainer.load_recipe("lsq-4bit", overrides={"first_last.last": "model.haed"})
+    with pytest.raises(RunFileError, match=r"recipe.first_last.last.*model.head"):
+        check_layer_patterns([wrong], model)

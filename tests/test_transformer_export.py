@@ -15,7 +15,7 @@ from qtrainer.export import export, load_int
 from qtrainer.nn import QuantizedLayer
 
 from qdq_parity import codes_up_to_ties
-from test_transformer import TextEncoder, batch
+from test_transformer import Holder, TextEncoder, batch
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -23,9 +23,9 @@ ort = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def quantized_encoder(seed=0, **kwargs):
+def quantized_encoder(seed=0, causal=False, **kwargs):
     torch.manual_seed(seed)
-    model = TextEncoder(vocab=20, width=16, heads=2, layers=2)
+    model = TextEncoder(vocab=20, width=16, heads=2, layers=2, causal=causal)
     ids, pad = batch(n=8, t=7)
     qtrainer.quantize_model(model, example_input=(ids, pad), **kwargs)
     qtrainer.initialize_quantizers(model, ids, pad)
@@ -49,8 +49,9 @@ def _ort_run(path, ids, pad):
     return torch.from_numpy(out[0]), [torch.from_numpy(c.astype(np.int64)) for c in out[1:]]
 
 
-def test_onnx_qdq_matches_pytorch_layer_by_layer_with_a_padding_mask(tmp_path):
-    model, ids, pad = quantized_encoder()
+@pytest.mark.parametrize("causal", [False, True], ids=["padding-mask", "causal+padding-mask"])
+def test_onnx_qdq_matches_pytorch_layer_by_layer_with_masks(tmp_path, causal):
+    model, ids, pad = quantized_encoder(causal=causal)
     path = tmp_path / "encoder.onnx"
     info = export(model, path, format="onnx", example_input=(ids, pad))
     sites = _input_sites(model)
@@ -112,3 +113,21 @@ def test_onnx_with_attention_matmul_quantizers_runs_in_onnxruntime(tmp_path):
     with torch.no_grad():
         ref = model(ids, pad)
     assert (logits.argmax(1) == ref.argmax(1)).all()
+
+
+def test_separate_qkv_attention_exports_traced_and_refuses_int_and_onnx(tmp_path):
+    torch.manual_seed(0)
+    model = Holder(nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=True))
+    x, memory = torch.randn(3, 5, 8), torch.randn(3, 4, 6)
+    qtrainer.quantize_model(model, example_input=(x, memory, memory))
+    qtrainer.initialize_quantizers(model, x, memory, memory)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x, memory, memory)[0]
+    export(model, tmp_path / "attn.pt", format="torchscript", example_input=(x, memory, memory))
+    traced = torch.jit.load(str(tmp_path / "attn.pt"))
+    with torch.no_grad():
+        assert torch.equal(traced(x, memory, memory)[0], expected)
+    for fmt, name in (("int", "attn.safetensors"), ("onnx", "attn.onnx")):
+        with pytest.raises(ValueError, match="separate q/k/v weights"):
+            export(model, tmp_path / name, format=fmt, example_input=(x, memory, memory))

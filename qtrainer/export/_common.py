@@ -95,14 +95,6 @@ def int_weight(layer: QuantizedLayer) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale.detach().reshape(-1).clone()
 
 
-def weight_tensors(layer: QuantizedLayer) -> list[torch.Tensor]:
-    """The parameters a layer's weight quantizer acts on: its weight, or an attention layer's
-    separate q/k/v projection weights."""
-    if isinstance(layer, nn.MultiheadAttention) and not layer._qkv_same_embed_dim:
-        return [layer.q_proj_weight, layer.k_proj_weight, layer.v_proj_weight]
-    return [getattr(layer, layer.WEIGHT_NAME)]
-
-
 def scale_view(scale: torch.Tensor, dim: int) -> torch.Tensor:
     """A flat per-tensor ([1]) or per-channel ([C]) scale shaped to broadcast over dim 0."""
     return scale if scale.numel() == 1 else scale.view(-1, *([1] * (dim - 1)))
@@ -153,7 +145,7 @@ def bake_fake_quant(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for _, layer in quantized_layers(model):
             if active(layer.weight_quantizer):
-                for w in weight_tensors(layer):
+                for w in layer.weight_parameters():  # separate q/k/v weights: each
                     codes, scale = layer.weight_quantizer.int_codes(w.detach())
                     w.copy_((codes * scale_view(scale.reshape(-1), w.dim())).to(w.dtype))
             layer.weight_quantizer = None
