@@ -310,9 +310,10 @@ def test_unsupported_attention_options_are_named():
 
 
 def test_callback_trains_cross_attention_with_separate_qkv_weights(recwarn):
-    """A user's LightningModule whose attention has separate q/k/v weights (kdim, vdim):
-    under the callback the quantizer parameters join the optimizer group of those weights, and
-    the recipe's optimizer (``replace``) takes the three weights as parameters."""
+    """A user's LightningModule whose attention has separate q/k/v weights (kdim, vdim) and
+    quantized attention matmuls: under the callback every quantizer parameter (the matmul
+    ones included) joins an undecayed group of the optimizer holding those weights, and the
+    recipe's optimizer (``replace``) takes the three weights as parameters."""
     import lightning.pytorch as pl
 
     class CrossAttention(pl.LightningModule):
@@ -329,7 +330,7 @@ def test_callback_trains_cross_attention_with_separate_qkv_weights(recwarn):
             return F.cross_entropy(self(x, memory), y)
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01)
+            return torch.optim.SGD(self.parameters(), lr=0.01, weight_decay=1e-4)
 
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(16, 5, 8, generator=g),
@@ -339,7 +340,8 @@ def test_callback_trains_cross_attention_with_separate_qkv_weights(recwarn):
         module = CrossAttention()
         q_before = module.attn.q_proj_weight.detach().clone()
         cb = qtrainer.QuantizationCallback(
-            "lsq-4bit", overrides={"optimizer.policy": policy, "optimizer.lr": 0.01},
+            "lsq-4bit", overrides={"optimizer.policy": policy, "optimizer.lr": 0.01,
+                                   "bits.attention_matmul": 8},
             input_fn=lambda b: (b[0], b[1]))
         trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, accelerator="cpu",
                              enable_checkpointing=False, enable_progress_bar=False,
@@ -352,6 +354,10 @@ def test_callback_trains_cross_attention_with_separate_qkv_weights(recwarn):
         assert all(id(p) in in_optimizer for p in module.attn.weight_parameters())
         assert all(id(p) in in_optimizer for _, q in named_quantizers(module)
                    for p in q.parameters())
+        undecayed = {id(p) for group in trainer.optimizers[0].param_groups
+                     if group["weight_decay"] == 0 for p in group["params"]}
+        matmul_steps = [q.step for q in module.attn.matmul_quantizers.values()]
+        assert len(matmul_steps) == 4 and all(id(p) in undecayed for p in matmul_steps)
     assert not [w for w in recwarn if "in no optimizer" in str(w.message)]
 
 

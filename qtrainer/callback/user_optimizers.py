@@ -35,8 +35,9 @@ def _layers(pl_module) -> list[tuple[str, QuantizedLayer, list[torch.nn.Paramete
     out = []
     for name, m in pl_module.named_modules():
         if isinstance(m, QuantizedLayer):
-            params = [p for q in (m.weight_quantizer, m.input_quantizer) if q is not None
-                      for p in q.parameters()]
+            matmul = (getattr(m, "matmul_quantizers", None) or {}).values()
+            params = [p for q in (m.weight_quantizer, m.input_quantizer, *matmul)
+                      if q is not None for p in q.parameters()]
             out.append((name, m, params))
     return out
 
