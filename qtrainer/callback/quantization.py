@@ -63,7 +63,8 @@ if not logging.getLogger().hasHandlers() and not log.handlers:
 
 
 class QuantizationCallback(Callback):
-    """Quantize any LightningModule's conv/linear layers and train it with a recipe.
+    """Quantize any LightningModule's conv/linear/attention/embedding layers and train it with
+    a recipe.
 
     What it changes in your training: in ``fit``, the layers (quantized in place, keeping their
     parameter names); the recipe's length (scaled to the Trainer's ``max_epochs``/``max_steps``

@@ -59,8 +59,8 @@ def _check(pattern: object, names: list[str], key: str, kinds: list[str] = ()) -
 
 def check_layer_patterns(recipes: list[Recipe], model: nn.Module) -> int:
     """Raise :class:`RunFileError` (key ``recipe.include[0]``, ``compare[1].overrides.<p>``...)
-    for the first pattern that matches no conv/linear layer of ``model``. Returns the number
-    of quantizable layers."""
+    for the first pattern that matches no quantizable layer (or layer type) of ``model``, or a
+    ``first_last.first``/``last`` that names none. Returns the number of quantizable layers."""
     names, kinds = layer_names(model), layer_kinds(model)
     for index, recipe in enumerate(recipes):
         prefix = "recipe" if index == 0 else f"compare[{index - 1}]"
@@ -104,7 +104,7 @@ def check_without_data(cfg) -> str:
     except (ValueError, TypeError, ImportError) as e:
         raise RunFileError("model", f"model: {e}") from None
     count = check_layer_patterns(cfg.recipes, model)
-    return f"layer patterns checked against the model ({count} conv/linear layers)"
+    return f"layer patterns checked against the model ({count} quantizable layers)"
 
 
 __all__ = ["PREFIX", "QUANTIZABLE", "check_layer_patterns", "check_without_data", "layer_names"]
