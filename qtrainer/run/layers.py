@@ -107,4 +107,4 @@ def check_without_data(cfg) -> str:
     return f"layer patterns checked against the model ({count} quantizable layers)"
 
 
-__all__ = ["PREFIX", "QUANTIZABLE", "check_layer_patterns", "check_without_data", "layer_names"]
+__all__ = ["PREFIX", "check_layer_patterns", "check_without_data", "layer_kinds", "layer_names"]
