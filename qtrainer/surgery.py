@@ -59,7 +59,7 @@ class LayerReport:
 TYPE_PREFIX = "type:"
 
 
-def _kinds(module: nn.Module) -> set[str]:
+def module_kinds(module: nn.Module) -> set[str]:
     """Class names a ``type:`` pattern matches: the module's class and its torch bases
     (``type:Linear`` also matches ``nn.MultiheadAttention``'s ``out_proj``)."""
     return {c.__name__ for c in type(module).__mro__ if issubclass(c, nn.Module)} - {"Module"}
@@ -67,7 +67,7 @@ def _kinds(module: nn.Module) -> set[str]:
 
 def _match_one(name: str, module: nn.Module, pattern: str) -> bool:
     if pattern.startswith(TYPE_PREFIX):
-        return pattern[len(TYPE_PREFIX):] in _kinds(module)
+        return pattern[len(TYPE_PREFIX):] in module_kinds(module)
     return fnmatch.fnmatchcase(name, pattern)
 
 
@@ -77,7 +77,7 @@ def _match(name: str, patterns, modules: dict) -> bool:
 
 def _check_patterns(arg: str, patterns, names: list[str], modules: dict) -> None:
     """Every pattern (a glob on module names, or ``type:<Class>``) matches a quantizable layer."""
-    kinds = sorted(set().union(*(_kinds(modules[n]) for n in names)))
+    kinds = sorted(set().union(*(module_kinds(modules[n]) for n in names)))
     for p in patterns:
         if not isinstance(p, str):
             raise ValueError(f"{arg}: pattern {p!r} is not a string")
@@ -379,5 +379,5 @@ def set_quantizers(model: nn.Module, *, enabled: bool | None = None, hard: bool 
             q.set_hard(hard)
 
 
-__all__ = ["LayerReport", "Quantizer", "fp_state_dict", "initialize_quantizers",
+__all__ = ["LayerReport", "Quantizer", "TYPE_PREFIX", "fp_state_dict", "initialize_quantizers", "module_kinds",
            "quantize_from_plan", "quantize_model", "set_quantizers"]

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..nn import QUANTIZED_TYPES
 from ..recipes import Recipe
-from ..surgery import TYPE_PREFIX
+from ..surgery import TYPE_PREFIX, module_kinds
 from .errors import RunFileError
 
 PREFIX = "model."
@@ -29,8 +29,8 @@ def layer_names(model: nn.Module) -> list[str]:
 
 def layer_kinds(model: nn.Module) -> list[str]:
     """The class names that ``type:<Class>`` patterns can match in ``model``."""
-    return sorted({c.__name__ for m in model.modules() if type(m) in QUANTIZED_TYPES
-                   for c in type(m).__mro__ if issubclass(c, nn.Module)} - {"Module"})
+    return sorted(set().union(*(module_kinds(m) for m in model.modules()
+                                if type(m) in QUANTIZED_TYPES)))
 
 
 def _check(pattern: object, names: list[str], key: str, kinds: list[str] = ()) -> None:
