@@ -379,5 +379,5 @@ def set_quantizers(model: nn.Module, *, enabled: bool | None = None, hard: bool 
             q.set_hard(hard)
 
 
-__all__ = ["LayerReport", "Quantizer", "TYPE_PREFIX", "fp_state_dict", "initialize_quantizers", "module_kinds",
-           "quantize_from_plan", "quantize_model", "set_quantizers"]
+__all__ = ["LayerReport", "Quantizer", "TYPE_PREFIX", "fp_state_dict", "initialize_quantizers",
+           "module_kinds", "quantize_from_plan", "quantize_model", "set_quantizers"]
