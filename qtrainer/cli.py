@@ -155,7 +155,8 @@ def recipes(ctx: typer.Context):
     rows = [("name", "method", "bits W/A", "source", "description")]
     for i in infos:
         desc = " ".join(i.description.split())
-        bits = f"learned, {i.target}" if i.target else f"{i.weight_bits}/{i.act_bits}"
+        act = "none" if i.act_bits is None else i.act_bits  # none: weights only
+        bits = f"learned, {i.target}" if i.target else f"{i.weight_bits}/{act}"
         rows.append((i.name, i.method, bits, i.source,
                      desc if len(desc) <= 70 else desc[:67] + "..."))
     widths = [max(len(r[c]) for r in rows) for c in range(4)]

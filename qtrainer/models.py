@@ -22,6 +22,7 @@ from torch import nn
 
 from .checkpoint_files import load_error_reason
 from .class_path import import_class
+from .transformer_models import SequenceClassifier, VisionTransformer
 
 
 class ShortcutA(nn.Module):
@@ -198,6 +199,8 @@ BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet9": ResNet9,
     "small_cnn": SmallCNN,
     "mlp": MLP,
+    "vit": VisionTransformer,
+    "sequence_transformer": SequenceClassifier,
 }
 
 
@@ -233,7 +236,8 @@ def build_model(
 ) -> nn.Module:
     """Build the model described by a recipe's ``model:`` section.
 
-    Either ``name`` (a built-in: ``resnet20``, ``resnet56``, ``resnet9``, ``small_cnn``, ``mlp``; or a
+    Either ``name`` (a built-in: ``resnet20``, ``resnet56``, ``resnet9``, ``small_cnn``, ``mlp``,
+    ``vit``, ``sequence_transformer``; or a
     torchvision classification model such as ``resnet18``, ``mobilenet_v2``, built with
     ``weights=None``) with its constructor arguments as further keys, or ``class_path``
     (``package.module.ClassName``, imported from exactly that module) with ``init_args``.

@@ -44,9 +44,10 @@ def _num(value: float | None, fmt: str) -> str:
 
 def format_table(rows: list[dict[str, Any]], fp: dict[str, Any] | None = None) -> str:
     """A plain-text table: the FP model, then one row per job summary (recipe, method,
-    accuracy, change vs FP, average weight/activation bits, size MB, GBOPs, wall time)."""
-    header = ["model", "method", "top-1", "vs FP", "W bits", "A bits", "size MB", "GBOPs",
-              "time s"]
+    accuracy, change vs FP, average weight/activation bits and the share of weight elements
+    quantized, over every weight-bearing layer; size MB, GBOPs, wall time)."""
+    header = ["model", "method", "top-1", "vs FP", "W bits", "W quant", "A bits", "size MB",
+              "GBOPs", "time s"]
     lines = []
     fp_acc = fp.get("acc") if fp else (rows[0].get("fp_acc") if rows else None)
     if fp_acc is not None or fp:
@@ -54,7 +55,7 @@ def format_table(rows: list[dict[str, Any]], fp: dict[str, Any] | None = None) -
         fp_gbops = None
         if rows and rows[0].get("layers"):
             fp_gbops = sum(r.get("macs", 0) for r in rows[0]["layers"]) * 32 * 32 / 1e9 or None
-        lines.append(["full precision", "-", _pct(fp_acc), "", "32", "32",
+        lines.append(["full precision", "-", _pct(fp_acc), "", "32", "0%", "32",
                       _num(fp_size, ".3f"), _num(fp_gbops, ".4f"),
                       _num(fp.get("wall_time_s") if fp else None, ".1f")])
     for r in rows:
@@ -62,7 +63,8 @@ def format_table(rows: list[dict[str, Any]], fp: dict[str, Any] | None = None) -
         delta = None if acc is None or fp_acc is None else 100 * (acc - fp_acc)
         lines.append([r.get("recipe", "?"), r.get("method", "?"), _pct(acc),
                       "-" if delta is None else f"{delta:+.2f}",
-                      _num(r.get("avg_weight_bits"), ".2f"), _num(r.get("avg_act_bits"), ".2f"),
+                      _num(r.get("avg_weight_bits"), ".2f"), _pct(r.get("quantized_weight_share")),
+                      _num(r.get("avg_act_bits"), ".2f"),
                       _num(r.get("size_mb"), ".3f"), _num(r.get("gbops"), ".4f"),
                       _num(r.get("wall_time_s"), ".1f")])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]

@@ -2,7 +2,7 @@
 
 Element counts are per example (batch 1), recorded by surgery's trace: ``numel(W_l)`` for
 weights, ``act_numel`` for layer inputs, ``macs`` multiply-accumulates. A side left in full
-precision counts as 32 bits. Sizes in megabytes are 10^6 bytes.
+precision counts at its real width (32 bits for fp32). Sizes in megabytes are 10^6 bytes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import QuantizedLayer
+from .nn import QUANTIZED_TYPES, QuantizedLayer, quantizable_weight
 from .quantizers import NIPQQuantizer, Quantizer
 
 FP_BITS = 32
@@ -35,35 +35,59 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLayer)]
 
 
+def weight_bearing_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every layer that holds a weight matrix: the quantized layers and the conv/linear/
+    embedding/attention layers left in full precision (kept FP by the recipe or never
+    quantizable by rule)."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, QuantizedLayer) or type(m) in QUANTIZED_TYPES]
+
+
 @dataclass
 class ResourceSummary:
-    """Whole-model figures: average bits weighted by element counts, size in MB, GBOPs."""
+    """Whole-model figures over every weight-bearing layer (full-precision layers at their real
+    width, their dtype's bits): average bits weighted by element counts, size in MB (every
+    parameter of the model), GBOPs, and the share of weight elements that are quantized."""
 
     avg_weight_bits: float
     avg_act_bits: float
     size_mb: float
     gbops: float
+    quantized_weight_share: float = 1.0
 
     def to_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
 
 
 def summarize(model: nn.Module) -> ResourceSummary:
-    """Average weight/activation bits, model size (quantized weights plus 32 bits per quantizer
-    parameter element) and GBOPs of one example, over the quantized layers."""
-    w_num = w_den = a_num = a_den = size_bits = bops = 0.0
-    for _, layer in quantized_layers(model):
-        wb, ab = _bits(layer.weight_quantizer), _bits(layer.input_quantizer)
-        n = layer.weight.numel()
+    """Average weight/activation bits, model size and GBOPs of one example over every
+    weight-bearing layer (:func:`weight_bearing_layers`).
+
+    Size: every parameter at its dtype's width, except quantized weights at their bits
+    (quantizer parameters included, fp32). A full-precision layer's weights and inputs count at
+    the weight's dtype width (32 for fp32); its input elements and multiply-accumulates count
+    where surgery traced them (``act_numel``/``macs`` attributes), else 0. The attention
+    matmuls (no weights) are not counted.
+    """
+    w_num = w_den = a_num = a_den = bops = quantized = 0.0
+    size_bits = float(sum(p.numel() * p.element_size() * 8 for p in model.parameters()))
+    for _, layer in weight_bearing_layers(model):
+        w = quantizable_weight(layer)
+        fp_bits = w.element_size() * 8
+        wq = getattr(layer, "weight_quantizer", None)
+        iq = getattr(layer, "input_quantizer", None)
+        wb, ab = (fp_bits if wq is None else wq.bits), (fp_bits if iq is None else iq.bits)
+        n, act_numel = w.numel(), getattr(layer, "act_numel", 0)
         w_num += wb * n
         w_den += n
-        a_num += ab * layer.act_numel
-        a_den += layer.act_numel
-        size_bits += wb * n + FP_BITS * sum(
-            p.numel() for q in (layer.weight_quantizer, layer.input_quantizer) if q is not None
-            for p in q.parameters())
-        bops += layer.macs * wb * ab
-    return ResourceSummary(w_num / max(w_den, 1), a_num / max(a_den, 1), size_bits / 8e6, bops / 1e9)
+        a_num += ab * act_numel
+        a_den += act_numel
+        if wq is not None:
+            size_bits -= (fp_bits - wb) * n
+            quantized += n
+        bops += getattr(layer, "macs", 0) * wb * ab
+    return ResourceSummary(w_num / max(w_den, 1), a_num / max(a_den, 1), size_bits / 8e6,
+                           bops / 1e9, quantized / max(w_den, 1))
 
 
 def layer_table(model: nn.Module) -> list[dict[str, Any]]:

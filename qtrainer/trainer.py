@@ -31,7 +31,7 @@ from .lightning_setup import (WallClock, checkpoint_callbacks, evaluate_module, 
                               loggers, quiet_warnings, trainer_args, validation_step_off)
 from .lit_module import ClassificationModule
 from .loaders import EpochSync, first_input, make_loader, to_cpu
-from .nn import QuantizedLayer
+from .nn import QuantizedLayer, named_quantizers
 from .recipes import Recipe, RecipeError, load_recipe
 from .recipes.scaling import scale_epochs
 from .resources import layer_table, summarize
@@ -275,8 +275,8 @@ class QTrainer:
     def summary(self) -> dict[str, Any]:
         """Figures of the run: FP and quantized accuracy (from :meth:`fit`'s baseline and the
         last :meth:`evaluate`), per-layer bits and step sizes, average bits, model size (MB, FP
-        and quantized, over the quantized layers' weights), GBOPs, training wall time, recipe
-        name and hash, package versions."""
+        and quantized, every parameter; share of weight elements quantized), GBOPs, training
+        wall time, recipe name and hash, package versions."""
         out: dict[str, Any] = {
             "recipe": self.recipe.name, "method": self.recipe.method.name,
             "recipe_hash": self.recipe.content_hash(), "epochs": self.recipe.phases.epochs,
@@ -288,9 +288,13 @@ class QTrainer:
         if self.quantized:
             s = summarize(self.model)
             layers = layer_table(self.model)
+            quantizer_params = {id(p) for _, q in named_quantizers(self.model)
+                                for p in q.parameters()}
             out.update(avg_weight_bits=s.avg_weight_bits, avg_act_bits=s.avg_act_bits,
                        size_mb=s.size_mb, gbops=s.gbops,
-                       fp_size_mb=sum(r["weight_numel"] for r in layers) * 4 / 1e6,
+                       quantized_weight_share=s.quantized_weight_share,
+                       fp_size_mb=sum(p.numel() * p.element_size() for p in self.model.parameters()
+                                      if id(p) not in quantizer_params) / 1e6,
                        layers=layers)
         return out
 

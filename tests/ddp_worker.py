@@ -36,6 +36,17 @@ class Dump(pl.Callback):
                    self.out / f"rank{trainer.global_rank}_model.pt")
 
 
+def assert_ranks_agree(out: Path, skip=lambda key: False) -> None:
+    """The two ranks' saved states (quantizers at init and end, the whole module) are equal,
+    key by key (``skip(key)`` leaves a key out)."""
+    for when in ("init", "end", "model"):
+        r0 = torch.load(out / f"rank0_{when}.pt", weights_only=True)
+        r1 = torch.load(out / f"rank1_{when}.pt", weights_only=True)
+        assert r0.keys() == r1.keys() and len(r0) > 0
+        for k in r0:
+            assert skip(k) or torch.equal(r0[k], r1[k]), (when, k)
+
+
 def main(out: Path, recipe: str):
     torch.set_num_threads(1)  # two processes on two cores
     pl.seed_everything(0)

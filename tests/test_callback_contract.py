@@ -279,7 +279,9 @@ def test_a_two_argument_transformer_forward_is_quantized_and_trained(style):
     t = trainer([cb], max_epochs=2)
     t.fit(module, train, val)
     layers = {r.name: r for r in cb.report}
-    assert set(layers) == {f"encoder.layers.{i}.linear{j}" for i in (0, 1) for j in (1, 2)} | {"head"}
+    assert set(layers) == {f"encoder.layers.{i}.{name}" for i in (0, 1) for name in (
+        "self_attn", "self_attn.out_proj", "linear1", "linear2")} | {"emb", "head"}
+    assert layers["emb"].position == "first" and layers["head"].position == "last"
     # the trace reached the encoder's linear layers (torch's fused fast path was off)
     assert layers["encoder.layers.0.linear1"].act_numel == 12 * 16
     assert layers["encoder.layers.1.linear2"].act_numel == 12 * 32

@@ -524,4 +524,4 @@ def test_recipe_path_env_folder_is_found_by_name(tmp_path, monkeypatch):
     row = next(line for line in r.output.splitlines() if line.startswith("team-nipq "))
     assert row.split()[3] == f"path:{tmp_path}"
     r = invoke("show", "team-nipq")
-    assert yaml.safe_load(r.output)["bits"] == {"weight": 3, "activation": 3}
+    assert yaml.safe_load(r.output)["bits"] == {"weight": 3, "activation": 3, "attention_matmul": None}

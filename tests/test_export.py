@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdq_parity import codes_up_to_ties
 from qtrainer import initialize_quantizers, quantize_model, set_quantizers
 from qtrainer.atomic import atomic_write, write_bytes_atomic, write_text_atomic
 from qtrainer.export import export, fold_batchnorm, load_int, pack_codes, read_header, unpack_codes
@@ -188,12 +189,6 @@ def _agreement(a, b):
             ((a - b).abs().max() / (b.max() - b.min())).item())
 
 
-TIE = 1e-2
-"""How close to a rounding boundary (in units of the step) a value must lie for two correct
-float32 implementations to round it differently: their sums of products differ by a few ulps,
-far below 1/100 of a step."""
-
-
 def _run_hooked(model, x, pre_hook):
     """``model(x)`` without gradients, ``pre_hook`` a forward pre-hook on every quantized
     layer for that call."""
@@ -221,7 +216,7 @@ def _assert_same_up_to_ties(model, x, logits, codes, label=""):
 
     - run ``model`` with each quantized layer fed the other implementation's codes (times the
       step): its own code of every input differs from the other's only where the value lies
-      within ``TIE`` of a rounding boundary, and then by exactly one;
+      within ``qdq_parity.TIE`` of a rounding boundary, and then by exactly one;
     - the logits, computed by the last layer from identical codes, differ by no more than the
       float32 error bound of that layer's sums, ``(K + 2) * eps * (|x| @ |W|^T + |b|)``.
 
@@ -235,16 +230,8 @@ def _assert_same_up_to_ties(model, x, logits, codes, label=""):
     def feed(layer, args):
         nonlocal flips, total
         i = layers.index(layer)
-        q = layer.input_quantizer
-        own, scale = q.int_codes(args[0])
-        other = codes[i].reshape(own.shape)
-        value = (args[0] / scale).clamp(*q.code_range)
-        near_tie = ((value - value.floor()) - 0.5).abs() < TIE
-        differ = own.long() != other
-        assert bool((differ <= near_tie).all()), (label, i, "codes differ away from a tie")
-        assert bool(((own.long() - other).abs() <= 1).all()), (label, i)
-        flips, total = flips + int(differ.sum()), total + differ.numel()
-        fed = other.to(scale.dtype) * scale
+        fed, differ = codes_up_to_ties(layer.input_quantizer, args[0], codes[i], (label, i))
+        flips, total = flips + differ, total + fed.numel()
         last.update(x=fed)
         return (fed, *args[1:])
 

@@ -29,10 +29,11 @@ from qtrainer.recipes import (
     unregister_recipe,
 )
 from qtrainer.recipes import registry
+from qtrainer.recipes.schema import UNHASHED_AT
 from qtrainer.recipes.yaml_codec import parse_yaml
 
 BUILTINS = [
-    "lsq-2bit", "lsq-3bit", "lsq-4bit", "lsq-8bit",
+    "lsq-2bit", "lsq-3bit", "lsq-4bit", "lsq-8bit", "lsq-w8a8",
     "nipq-2bit", "nipq-3bit", "nipq-4bit", "nipq-mp-3bit", "nipq-mp-4bit",
     "tempering-2bit", "tempering-3bit", "tempering-4bit",
 ]
@@ -85,9 +86,13 @@ def test_builtin_folder_holds_exactly_the_documented_recipes():
 def test_every_builtin_loads_with_its_name_and_a_description(name):
     recipe = get_recipe(name)
     assert recipe.name == name
-    method, bits = name.split("-")[0], int(name[-4])
+    method = name.split("-")[0]
     assert recipe.method.name == method
-    if "-mp-" not in name:
+    if name == "lsq-w8a8":
+        assert (recipe.bits.weight, recipe.bits.activation) == (8, 8)
+        assert recipe.method.per_channel and recipe.first_last.bits == "same"
+    elif "-mp-" not in name:
+        bits = int(name[-4])
         assert (recipe.bits.weight, recipe.bits.activation) == (bits, bits)
     authors = {"lsq": "(Esser et al., ICLR 2020)", "nipq": "(Shin et al., CVPR 2023)",
                "tempering": "(Wang et al., arXiv 2212.05603)"}[method]
@@ -237,9 +242,23 @@ def test_content_hash_is_sha256_of_canonical_json_without_name_and_description()
     r = get_recipe("lsq-4bit")
     d = r.to_dict()
     del d["name"], d["description"]
+    for section, key, value in UNHASHED_AT:  # added later, hashed once changed
+        assert d[section].pop(key, value) == value
     expected = hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
     assert r.content_hash() == expected
     assert len(expected) == 16
+
+
+@pytest.mark.parametrize("name, digest", [  # as computed before any UNHASHED_AT key existed
+    ("lsq-4bit", "e36a8d3554e83429"), ("tempering-2bit", "e1f3ced9d96339ad"),
+    ("nipq-4bit", "e64592f34e0c0a6b")])
+def test_keys_added_later_leave_the_builtin_hashes_unchanged(name, digest):
+    recipe = get_recipe(name)
+    assert recipe.content_hash() == digest
+    for section, key, value in UNHASHED_AT:  # a key set away from its old behaviour counts
+        if key in recipe.to_dict()[section] and value is not None:
+            changed = load_recipe(recipe, {f"{section}.{key}": value / 2})
+            assert changed.content_hash() != digest
 
 
 def test_content_hash_changes_with_training_values_only():
@@ -577,6 +596,7 @@ def test_surgery_kwargs_contents():
         "method_kwargs": {"grad_scale": "numel", "per_channel": False, "init": "lsq",
                           "init_percentile": 99.9},
         "first_last_bits": 8, "include": ["*"], "exclude": [], "overrides": {},
+        "first_layer": None, "last_layer": None, "attention_matmul_bits": None,
     }
     t = get_recipe("tempering-2bit").surgery_kwargs()
     assert t["method_kwargs"] == {"grad_scale": "numel", "per_channel": False, "init": "lsq",

@@ -91,7 +91,9 @@ def test_fit_evaluate_summary_export_on_digits(digits, fp_model, tmp_path):
         ("features.0", 8, 8), ("features.3", 4, 4), ("features.6", 4, 4), ("fc", 8, 8)]
     n = [r["weight_numel"] for r in s["layers"]]
     assert s["avg_weight_bits"] == pytest.approx((8 * n[0] + 4 * n[1] + 4 * n[2] + 8 * n[3]) / sum(n))
-    assert s["fp_size_mb"] == pytest.approx(sum(n) * 4 / 1e6)
+    fp_params = [p for k, p in model.named_parameters() if "_quantizer." not in k]
+    assert s["fp_size_mb"] == pytest.approx(sum(p.numel() for p in fp_params) * 4 / 1e6)
+    assert s["quantized_weight_share"] == 1.0  # every conv/linear weight
     assert s["size_mb"] < s["fp_size_mb"] / 6
     assert s["gbops"] > 0 and s["wall_time_s"] > 0 and s["versions"]["torch"]
     assert all(r["weight_step"] > 0 and r["act_step"] > 0 for r in s["layers"])

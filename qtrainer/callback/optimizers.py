@@ -35,11 +35,12 @@ def param_groups(recipe: Recipe, pl_module) -> list[dict]:
             add("quantizers", wd.quantizer_params, p, lr=quantizer_lr)
             placed.add(id(p))
     for m in pl_module.modules():
-        if isinstance(m, QuantizedLayer) and m.weight_quantizer is not None \
-                and m.weight.requires_grad:
+        if isinstance(m, QuantizedLayer) and m.weight_quantizer is not None:
             bits = m.qreport.weight_bits
-            add(f"weights_{bits}bit", wd.effective_weight_decay(bits), m.weight)
-            placed.add(id(m.weight))
+            for w in m.weight_parameters():
+                if w.requires_grad:
+                    add(f"weights_{bits}bit", wd.effective_weight_decay(bits), w)
+                    placed.add(id(w))
     for p in pl_module.parameters():
         if p.requires_grad and id(p) not in placed:
             if p.ndim <= 1:

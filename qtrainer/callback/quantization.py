@@ -63,7 +63,8 @@ if not logging.getLogger().hasHandlers() and not log.handlers:
 
 
 class QuantizationCallback(Callback):
-    """Quantize any LightningModule's conv/linear layers and train it with a recipe.
+    """Quantize any LightningModule's conv/linear/attention/embedding layers and train it with
+    a recipe.
 
     What it changes in your training: in ``fit``, the layers (quantized in place, keeping their
     parameter names); the recipe's length (scaled to the Trainer's ``max_epochs``/``max_steps``
@@ -365,6 +366,7 @@ class QuantizationCallback(Callback):
         s = summarize(pl_module)
         out = {"qat/avg_weight_bits": s.avg_weight_bits, "qat/avg_act_bits": s.avg_act_bits,
                "qat/size_mb": s.size_mb, "qat/gbops": s.gbops,
+               "qat/quantized_weight_share": s.quantized_weight_share,
                "qat/phase_hard": float(self.phase == PHASE_HARD)}
         if self.lambda_schedule is not None:
             out["qat/lambda"] = self.current_lambda

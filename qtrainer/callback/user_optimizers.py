@@ -35,8 +35,9 @@ def _layers(pl_module) -> list[tuple[str, QuantizedLayer, list[torch.nn.Paramete
     out = []
     for name, m in pl_module.named_modules():
         if isinstance(m, QuantizedLayer):
-            params = [p for q in (m.weight_quantizer, m.input_quantizer) if q is not None
-                      for p in q.parameters()]
+            matmul = (getattr(m, "matmul_quantizers", None) or {}).values()
+            params = [p for q in (m.weight_quantizer, m.input_quantizer, *matmul)
+                      if q is not None for p in q.parameters()]
             out.append((name, m, params))
     return out
 
@@ -84,7 +85,8 @@ def keep_user_optimizers(recipe: Recipe, pl_module, optimizers: list,
     moves: dict[tuple[int, int, str, int], list] = defaultdict(list)
     homeless = []
     for name, layer, params in layers:
-        home = owner.get(id(layer.weight))
+        weights = layer.weight_parameters()
+        home = owner.get(id(weights[0]))
         if home is None:
             homeless.append(name or type(layer).__name__)
             home = (0, 0)
@@ -93,9 +95,9 @@ def keep_user_optimizers(recipe: Recipe, pl_module, optimizers: list,
             moves[(*home, "quantizers", 0)] += mine
         bits = layer.qreport.weight_bits if layer.weight_quantizer is not None else None
         factor = wd.factors.get(bits, 1.0) if bits is not None else 1.0
-        if id(layer.weight) in owner and factor != 1.0 and \
+        if id(weights[0]) in owner and factor != 1.0 and \
                 optimizers[home[0]].param_groups[home[1]].get("weight_decay", 0.0):
-            moves[(*home, "weights", bits)].append(layer.weight)
+            moves[(*home, "weights", bits)] += weights
     if homeless:
         warnings.warn(f"layers {', '.join(homeless[:5])}{', ...' if len(homeless) > 5 else ''}: "
                       "their weight is in no optimizer; their quantizer parameters join "

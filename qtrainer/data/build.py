@@ -16,6 +16,7 @@ from .digits import DIGITS_MEAN, DIGITS_STD, load_digits_split
 from .folders import image_folder_bundle
 from .images import DeviceLoader, ImageArrayDataset
 from .npz import default_cifar10_jpeg_root, load_npz_jpeg
+from .sequences import majority_token_dataset
 from .splits import channel_stats, stratified_indices, stratified_split
 
 _COMMON_KEYS = {"name", "batch_size", "num_workers", "seed", "val_size", "drop_last"}
@@ -29,6 +30,8 @@ DATA_KEYS = {
     "cifar100": _ARRAY_KEYS | {"download"},
     "imagefolder": _COMMON_KEYS | {"root", "image_size", "channels", "mean", "std"},
     "imagenet": _COMMON_KEYS | {"root"},
+    "majority-tokens": _COMMON_KEYS | {"train_size", "test_size", "max_len", "vocab_size",
+                                       "num_classes"},
 }
 """The keys of each ``data.name``; a ``data:`` section may instead name a LightningDataModule
 by ``class_path`` and ``init_args`` (:mod:`qtrainer.data.datamodule`)."""
@@ -57,6 +60,9 @@ def build_data(spec: dict, seed: int | None = None) -> DataBundle:
       folders, at their own size (``image_size``: resize to N or [H, W]), grayscale kept as one
       channel (``channels``: auto | 1 | 3), mean/std from the training images unless given
       (``mean``, ``std``: one number per channel); see :mod:`qtrainer.data.folders`.
+    - ``majority-tokens``: a synthetic sequence task with a known answer (which marker token
+      occurs most often; :mod:`qtrainer.data.sequences`), generated offline: ``train_size``
+      (4000), ``test_size`` (1000), ``max_len`` (24), ``vocab_size`` (16), ``num_classes`` (4).
     - ``imagenet``: the same folders with ImageNet's pipeline (random-resized 224 crop + flip
       for training, resize 256 + center crop 224 for evaluation, ImageNet mean/std).
 
@@ -111,9 +117,30 @@ def build_data(spec: dict, seed: int | None = None) -> DataBundle:
             num_workers=int_option(spec, "num_workers", 0),
             **options,
         )
+    if name == "majority-tokens":
+        return _sequence_bundle(spec, options, split_seed)
     if name in ("imagefolder", "imagenet"):
         return image_folder_bundle(spec, options)
     return _array_bundle(name, spec, options)
+
+
+def _sequence_bundle(spec: dict, options: dict, split_seed: int) -> DataBundle:
+    task = dict(max_len=int_option(spec, "max_len", 24, minimum=1),
+                vocab_size=int_option(spec, "vocab_size", 16, minimum=2),
+                num_classes=int_option(spec, "num_classes", 4, minimum=2))
+    train = majority_token_dataset(int_option(spec, "train_size", 4000, minimum=1),
+                                   seed=2 * split_seed, **task)
+    test = majority_token_dataset(int_option(spec, "test_size", 1000, minimum=1),
+                                  seed=2 * split_seed + 1, **task)
+    labels = train.tensors[1].numpy()
+    keep, held = stratified_split(labels, int_option(spec, "val_size", len(labels) // 10),
+                                  split_seed)
+    return DataBundle(
+        train=Subset(train, keep.tolist()), val=Subset(train, held.tolist()) if len(held) else None,
+        test=test, num_classes=task["num_classes"],
+        classes=[f"marker {c + 1}" for c in range(task["num_classes"])],
+        input_shape=(task["max_len"],), mean=(), std=(), example_input=test.tensors[0][:8],
+        num_workers=int_option(spec, "num_workers", 0), **options)
 
 
 def _load_arrays(name: str, spec: dict, subset_per_class, test_per_class, seed: int):

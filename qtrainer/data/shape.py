@@ -42,6 +42,8 @@ def data_shape(spec: dict) -> tuple[int, tuple[int, int, int]] | None:
     name = spec.get("name")
     if name in _FIXED:
         return _FIXED[name]
+    if name == "majority-tokens":
+        return int(spec.get("num_classes", 4)), (int(spec.get("max_len", 24)),)
     try:
         if name == "npz-jpeg":
             root = Path(spec["root"]) if spec.get("root") else default_cifar10_jpeg_root()

@@ -145,11 +145,15 @@ def bake_fake_quant(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for _, layer in quantized_layers(model):
             if active(layer.weight_quantizer):
-                w = layer.weight
-                codes, scale = int_weight(layer)
-                w.copy_((codes * scale_view(scale, w.dim())).to(w.dtype))
+                for w in layer.weight_parameters():  # separate q/k/v weights: each
+                    codes, scale = layer.weight_quantizer.int_codes(w.detach())
+                    w.copy_((codes * scale_view(scale.reshape(-1), w.dim())).to(w.dtype))
             layer.weight_quantizer = None
             layer.input_quantizer = EvalQuant(layer.input_quantizer) if active(layer.input_quantizer) else None
+            if getattr(layer, "matmul_quantizers", None) is not None:
+                layer.matmul_quantizers = nn.ModuleDict(
+                    {k: EvalQuant(q) if active(q) else nn.Identity()
+                     for k, q in layer.matmul_quantizers.items()})
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -166,7 +170,7 @@ def layer_table(model: nn.Module) -> list[dict]:
         wq, iq = layer.weight_quantizer, layer.input_quantizer
         w = quantizer_spec(wq, "weight") if wq is not None else None
         i = quantizer_spec(iq, "input") if iq is not None else None
-        table.append({"name": name, "kind": type(layer).FLOAT_TYPES[0].__name__,
+        table.append({"name": name, "kind": layer.float_kind,
                       "method": (w or i or {}).get("method"),
                       "weight_bits": w["bits"] if w and w["enabled"] else None,
                       "act_bits": i["bits"] if i and i["enabled"] else None,

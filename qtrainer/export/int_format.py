@@ -37,7 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..nn import QUANTIZED_TYPES, QuantizedLayer
+from ..forward import disable_transformer_fast_paths
+from ..nn import QUANTIZED_TYPES, QuantizedLayer, quantizable_weight
+from ..nn_attention import MATMUL_SITES
 from ..surgery import LayerReport, set_quantizers
 from ..atomic import write_bytes_atomic
 from ._common import active, build_quantizer, int_weight, quantized_layers, quantizer_spec, scale_view
@@ -136,15 +138,20 @@ def build_int(model: nn.Module, metadata: dict | None = None,
     quant_prefixes = []
     for name, layer in quantized_layers(model):
         wq, iq = layer.weight_quantizer, layer.input_quantizer
-        for side in ("weight_quantizer", "input_quantizer"):
+        if isinstance(layer, nn.MultiheadAttention) and not layer._qkv_same_embed_dim:
+            raise ValueError(f"layer {name!r}: the int format stores the packed in_proj_weight; "
+                             "nn.MultiheadAttention with separate q/k/v weights (kdim/vdim) "
+                             "exports as onnx, torchscript or exported_program")
+        for side in ("weight_quantizer", "input_quantizer", "matmul_quantizers"):
             quant_prefixes.append(f"{name}.{side}.")
         report = getattr(layer, "qreport", None)
         report = report.to_dict() if isinstance(report, LayerReport) else {}
-        fp_kind = type(layer).FLOAT_TYPES[0].__name__
+        fp_kind = layer.float_kind
+        bias = getattr(layer, layer.BIAS_NAME, None)
         entry = {"name": name, "kind": fp_kind, "method": None, "position": report.get("position", ""),
                  "weight_bits": None, "act_bits": None, "signed_input": None,
                  "weight_shape": list(layer.weight.shape), "weight_dtype": str(layer.weight.dtype).split(".")[-1],
-                 "has_bias": layer.bias is not None, "weight": None, "input": None, "report": report,
+                 "has_bias": bias is not None, "weight": None, "input": None, "report": report,
                  "act_numel": int(getattr(layer, "act_numel", 0)), "macs": int(getattr(layer, "macs", 0))}
         if wq is not None:
             spec = quantizer_spec(wq, "weight")
@@ -160,9 +167,9 @@ def build_int(model: nn.Module, metadata: dict | None = None,
                 category[name + CODES] = key
                 category[name + SCALE] = "quant_params"
                 fp32[name + CODES] = layer.weight.numel() * 4
-                state.pop(name + ".weight")
-                if layer.bias is not None:
-                    category[name + ".bias"] = key
+                state.pop(f"{name}.{layer.WEIGHT_NAME}")
+                if bias is not None:
+                    category[f"{name}.{layer.BIAS_NAME}"] = key
                 entry["weight_bits"] = spec["bits"]
             entry["weight"] = spec
         if iq is not None:
@@ -303,8 +310,9 @@ def load_int(path, model: nn.Module) -> nn.Module:
             if module is None or type(module).__name__ != entry["kind"] or type(module) not in QUANTIZED_TYPES:
                 found = type(module).__name__ if module is not None else "nothing"
                 raise ValueError(f"layer {name!r}: the file has a {entry['kind']}, the model has {found}")
-            if list(module.weight.shape) != entry["weight_shape"]:
-                raise ValueError(f"layer {name!r}: weight shape {list(module.weight.shape)} in the model, "
+            if list(quantizable_weight(module).shape) != entry["weight_shape"]:
+                raise ValueError(f"layer {name!r}: weight shape "
+                                 f"{list(quantizable_weight(module).shape)} in the model, "
                                  f"{entry['weight_shape']} in the file")
             plan.append((entry, module))
         for _, bn_name in header["folded_bn"]:
@@ -326,29 +334,41 @@ def load_int(path, model: nn.Module) -> nn.Module:
             if wspec and wspec["enabled"]:
                 codes = decode_codes(tensors[name + CODES], wspec, shape)
                 scale = tensors[name + SCALE].float()
-                state[name + ".weight"] = (codes * scale_view(scale, len(shape))).to(
+                weight_name = QUANTIZED_TYPES[type(module)].WEIGHT_NAME
+                state[f"{name}.{weight_name}"] = (codes * scale_view(scale, len(shape))).to(
                     getattr(torch, entry["weight_dtype"]))
             report = LayerReport(**entry["report"]) if entry["report"] else None
             built.append((entry, module, wq, iq, report))
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
         raise _bad(path, f"{type(e).__name__}: {e}") from None
+    built_layers = []
     try:
         for entry, module, wq, iq, report in built:
             name = entry["name"]
-            if entry["has_bias"] and module.bias is None:
+            if entry["has_bias"] and getattr(module, "bias", False) is None:
                 module.bias = nn.Parameter(torch.zeros(entry["weight_shape"][0], dtype=module.weight.dtype,
                                                        device=module.weight.device))
+            device = quantizable_weight(module).device
+            extra = {}
+            if report is not None and report.matmul_bits is not None:
+                extra["matmul_quantizers"] = {site: build_quantizer(
+                    {"method": report.method, "role": "input", "bits": report.matmul_bits,
+                     "signed": site != "probs", "kwargs": report.method_kwargs}, None).to(device)
+                    for site in MATMUL_SITES}
             qlayer = QUANTIZED_TYPES[type(module)].from_float(
-                module, wq and wq.to(module.weight.device), iq and iq.to(module.weight.device))
+                module, wq and wq.to(device), iq and iq.to(device), **extra)
             qlayer.act_numel, qlayer.macs = entry["act_numel"], entry["macs"]
             if report is not None:
                 qlayer.qreport = report
-            parent, _, child = name.rpartition(".")
-            setattr(modules[parent] if parent else model, child, qlayer)
+            built_layers.append((name, qlayer))
+        for name, qlayer in sorted(built_layers, key=lambda b: b[0].count(".")):
+            parent, _, child = name.rpartition(".")  # outer first: out_proj into its attention
+            setattr(model.get_submodule(parent) if parent else model, child, qlayer)
         for _, bn_name in header["folded_bn"]:
             parent, _, child = bn_name.rpartition(".")
             setattr(modules[parent] if parent else model, child, nn.Identity())
         model.load_state_dict(state, strict=True)
+        disable_transformer_fast_paths(model)
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
         raise ValueError(f"load_int({os.fspath(path)!r}): the file does not match the model "
                          f"({type(e).__name__}: {e})") from None

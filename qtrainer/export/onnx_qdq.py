@@ -173,6 +173,19 @@ def _qdq_forward(self, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _act_qdq(iq, counts: dict) -> nn.Module | None:
+    """The ONNX form of an activation quantizer: QDQ up to 8 bits, float ops above, None when
+    there is none (or it is disabled)."""
+    if not active(iq):
+        return None
+    lo, hi = iq.code_range
+    if hi - lo < 256 and (lo >= 0 and hi <= 255 or lo >= -128 and hi <= 127):
+        counts["act_qdq"] += 1
+        return ActQDQ(iq.step_size.detach().reshape(-1)[:1], lo, hi)
+    counts["act_float"] += 1
+    return EvalQuant(iq)
+
+
 def qdq_model(model: nn.Module) -> tuple[nn.Module, dict]:
     """In place on an eval copy: quantizers replaced by QDQ modules. Returns (model, counts).
 
@@ -184,10 +197,15 @@ def qdq_model(model: nn.Module) -> tuple[nn.Module, dict]:
     """
     counts = {"weight_dq": 0, "act_qdq": 0, "act_float": 0, "bias_int32": 0, "bias_add": 0}
     with torch.no_grad():
-        for _, layer in quantized_layers(model):
+        for name, layer in quantized_layers(model):
             wq, iq = layer.weight_quantizer, layer.input_quantizer
             bias_dq = bias_add = None
-            if active(wq) and active(iq) and layer.bias is not None:
+            if isinstance(layer, nn.MultiheadAttention) and not layer._qkv_same_embed_dim:
+                raise ValueError(f"layer {name!r}: ONNX QDQ export needs the packed "
+                                 "in_proj_weight; nn.MultiheadAttention with separate q/k/v "
+                                 "weights (kdim/vdim) exports as torchscript or exported_program")
+            if isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)) and active(wq) and \
+                    active(iq) and layer.bias is not None:
                 on_grid = _bias_on_grid(layer)
                 if on_grid is not None:
                     bias_dq = BiasDQ(*on_grid)
@@ -202,16 +220,11 @@ def qdq_model(model: nn.Module) -> tuple[nn.Module, dict]:
                 counts["weight_dq"] += 1
             else:
                 layer.weight_quantizer = None
-            if active(iq):
-                lo, hi = iq.code_range
-                if hi - lo < 256 and (lo >= 0 and hi <= 255 or lo >= -128 and hi <= 127):
-                    layer.input_quantizer = ActQDQ(iq.step_size.detach().reshape(-1)[:1], lo, hi)
-                    counts["act_qdq"] += 1
-                else:
-                    layer.input_quantizer = EvalQuant(iq)
-                    counts["act_float"] += 1
-            else:
-                layer.input_quantizer = None
+            layer.input_quantizer = _act_qdq(iq, counts)
+            if getattr(layer, "matmul_quantizers", None) is not None:
+                layer.matmul_quantizers = nn.ModuleDict(
+                    {k: _act_qdq(q, counts) or nn.Identity()
+                     for k, q in layer.matmul_quantizers.items()})
             if bias_dq is not None or bias_add is not None:
                 layer.bias = None
                 layer.bias_dq = bias_dq

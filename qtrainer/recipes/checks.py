@@ -170,6 +170,21 @@ class Nullable:
 
 
 @dataclass(frozen=True)
+class NoneOr(Nullable):
+    """``none`` (or ``null``) -> None, else a value accepted by ``inner``."""
+
+    @property
+    def allowed(self) -> str:
+        return f"'none' (or null) or {self.inner.allowed}"
+
+    def __call__(self, value: object, path: str) -> object:
+        if isinstance(value, str) and value != "none":
+            raise RecipeError(path, f"{path}: invalid value {show(value)}; allowed: "
+                                    f"{self.allowed}{did_you_mean(value, ('none',))}")
+        return super().__call__(None if value == "none" else value, path)
+
+
+@dataclass(frozen=True)
 class Patterns:
     """A list of non-empty glob patterns (module names), returned as a tuple."""
 

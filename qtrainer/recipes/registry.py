@@ -52,7 +52,7 @@ class RecipeInfo:
     name: str
     method: str
     weight_bits: int
-    act_bits: int
+    act_bits: int | None  # None: weights only
     description: str
     source: str
     target: str = ""

@@ -209,6 +209,9 @@ class Recipe:
         ``name`` and ``description``: equal for recipes that train the same way."""
         d = self.to_dict()
         del d["name"], d["description"]
+        for section, key, value in UNHASHED_AT:  # keys added later: old hashes stay valid
+            if key in d[section] and d[section][key] == value:
+                del d[section][key]
         text = json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -232,10 +235,20 @@ class Recipe:
             "act_bits": self.bits.activation,
             "method_kwargs": method_kwargs(self.method),
             "first_last_bits": self.first_last.bits,
+            "first_layer": self.first_last.first,
+            "last_layer": self.first_last.last,
+            "attention_matmul_bits": self.bits.attention_matmul,
             "include": list(self.include),
             "exclude": list(self.exclude),
             "overrides": {p: o.to_dict() for p, o in self.overrides.items()},
         }
+
+
+UNHASHED_AT = (("bits", "attention_matmul", None), ("first_last", "first", None),
+               ("first_last", "last", None), ("method", "init_percentile", 99.9))
+"""Keys added after recipes were first hashed, as ``(section, key, value)``: left out of
+:meth:`Recipe.content_hash` while they hold ``value`` (the behaviour from before they existed),
+so checkpoints written before they existed still match their recipe."""
 
 
 def _plain(value: Any) -> Any:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .checks import Bool, BitFactors, Float, FloatPair, Int, Nullable, NumberOr, OneOf
+from .checks import (Bool, BitFactors, Float, FloatPair, Int, NoneOr, Nullable, NumberOr, OneOf,
+                     Text)
 from .errors import RecipeError, show
 from .fields import BITS, MAX_EPOCHS, checked_field, expect_mapping, join_path, parse_section
 
@@ -17,11 +18,16 @@ class Bits:
 
     Attributes:
         weight: bits of weight quantizers.
-        activation: bits of input-activation quantizers.
+        activation: bits of input-activation quantizers; ``none`` quantizes weights only (every
+            layer input stays as it is).
+        attention_matmul: bits of quantizers on the inputs of the attention matmuls (q, k, the
+            softmax output, v) of quantized ``nn.MultiheadAttention`` layers; ``none``
+            (default) leaves them full precision.
     """
 
     weight: int = checked_field(BITS)
-    activation: int = checked_field(BITS)
+    activation: int | None = checked_field(NoneOr(BITS))
+    attention_matmul: int | None = checked_field(NoneOr(BITS), None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,9 +38,14 @@ class FirstLast:
         bits: an int: weights and inputs of both layers use that many bits (LSQ paper: 8);
             ``"same"``: quantized like every other layer (NIPQ official); ``"fp"``: left in
             full precision.
+        first, last: the layer names that take the first/last position (null: the layers
+            that run first and last on the example input; in a transformer, usually the token
+            embedding or patch projection, and the head).
     """
 
     bits: int | str = checked_field(NumberOr(BITS, ("same", "fp")), 8)
+    first: str | None = checked_field(Nullable(Text(what="a layer name")), None)
+    last: str | None = checked_field(Nullable(Text(what="a layer name")), None)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,23 +14,36 @@ import fnmatch
 
 from torch import nn
 
+from ..nn import QUANTIZED_TYPES
 from ..recipes import Recipe
+from ..surgery import TYPE_PREFIX, module_kinds
 from .errors import RunFileError
 
 PREFIX = "model."
 """What module names start with inside qtrainer's LightningModule."""
 
-QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
-
-
 def layer_names(model: nn.Module) -> list[str]:
     """The quantizable layers of ``model`` as recipes name them in a run (``model.<name>``)."""
-    return [PREFIX + n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+    return [PREFIX + n for n, m in model.named_modules() if type(m) in QUANTIZED_TYPES]
 
 
-def _check(pattern: object, names: list[str], key: str) -> None:
+def layer_kinds(model: nn.Module) -> list[str]:
+    """The class names that ``type:<Class>`` patterns can match in ``model``."""
+    return sorted(set().union(*(module_kinds(m) for m in model.modules()
+                                if type(m) in QUANTIZED_TYPES)))
+
+
+def _check(pattern: object, names: list[str], key: str, kinds: list[str] = ()) -> None:
     if not isinstance(pattern, str):
         raise RunFileError(key, f"{key}: a layer pattern must be a string, got {pattern!r}")
+    if pattern.startswith(TYPE_PREFIX):
+        kind = pattern[len(TYPE_PREFIX):]
+        if kind in kinds:
+            return
+        close = difflib.get_close_matches(kind, kinds, n=1)
+        hint = f"; did you mean '{TYPE_PREFIX}{close[0]}'?" if close else ""
+        raise RunFileError(key, f"{key}: pattern '{pattern}' matches no quantizable layer "
+                                f"type{hint} (types: {', '.join(kinds)})")
     if any(fnmatch.fnmatchcase(n, pattern) for n in names):
         return
     if any(fnmatch.fnmatchcase(n, PREFIX + pattern) for n in names):
@@ -46,17 +59,21 @@ def _check(pattern: object, names: list[str], key: str) -> None:
 
 def check_layer_patterns(recipes: list[Recipe], model: nn.Module) -> int:
     """Raise :class:`RunFileError` (key ``recipe.include[0]``, ``compare[1].overrides.<p>``...)
-    for the first pattern that matches no conv/linear layer of ``model``. Returns the number
-    of quantizable layers."""
-    names = layer_names(model)
+    for the first pattern that matches no quantizable layer (or layer type) of ``model``, or a
+    ``first_last.first``/``last`` that names none. Returns the number of quantizable layers."""
+    names, kinds = layer_names(model), layer_kinds(model)
     for index, recipe in enumerate(recipes):
         prefix = "recipe" if index == 0 else f"compare[{index - 1}]"
         kwargs = recipe.surgery_kwargs()
         for key in ("include", "exclude"):
             for i, pattern in enumerate(kwargs.get(key) or []):
-                _check(pattern, names, f"{prefix}.{key}[{i}]")
+                _check(pattern, names, f"{prefix}.{key}[{i}]", kinds)
         for pattern in kwargs.get("overrides") or {}:
-            _check(pattern, names, f"{prefix}.overrides.{pattern}")
+            _check(pattern, names, f"{prefix}.overrides.{pattern}", kinds)
+        for key in ("first", "last"):
+            name = getattr(recipe.first_last, key)
+            if name is not None and name not in names:
+                _check(name, names, f"{prefix}.first_last.{key}")  # an error with close names
     return len(names)
 
 
@@ -87,7 +104,7 @@ def check_without_data(cfg) -> str:
     except (ValueError, TypeError, ImportError) as e:
         raise RunFileError("model", f"model: {e}") from None
     count = check_layer_patterns(cfg.recipes, model)
-    return f"layer patterns checked against the model ({count} conv/linear layers)"
+    return f"layer patterns checked against the model ({count} quantizable layers)"
 
 
-__all__ = ["PREFIX", "QUANTIZABLE", "check_layer_patterns", "check_without_data", "layer_names"]
+__all__ = ["PREFIX", "check_layer_patterns", "check_without_data", "layer_kinds", "layer_names"]
