@@ -111,6 +111,70 @@ def test_lsq_special_values(backend, signed):
     assert gx1[0].item() == -1.0 and gx1[5].item() == 0.0 and gx1[6].item() == 0.0
 
 
+# -- step contract, one step per group -------------------------------------------------------
+
+GROUP_CASES = [((8, 4, 3, 3), 12), ((6, 96), 32), ((2, 4096), 2048)]  # the last: 2 blocks a row
+
+
+def _group_case(shape, group_size, bits, signed, **kw):
+    """A group-wise quantizer with distinct steps per group, and ``x`` with the exact bounds
+    and a tie in group 0."""
+    torch.manual_seed(bits + len(shape))
+    q = (TemperingQuantizer if kw else LSQQuantizer)(
+        bits, signed, granularity="group", group_size=group_size, shape=shape, **kw)
+    q_n, q_p = q.levels
+    steps = 0.15 + 0.3 * torch.rand(q.step.numel())
+    q.step.data.copy_(steps)
+    q._mark_initialized()
+    x = torch.randn(shape) * 0.3 * q_p
+    s0 = float(steps[0])
+    x.view(-1)[:4] = torch.tensor([-q_n * s0, q_p * s0, (q_p + 2) * s0, 1.5 * s0])
+    return q, x, torch.randn(shape), steps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,group_size", GROUP_CASES)
+@pytest.mark.parametrize("bits,signed", [(4, True), (3, False)])
+def test_lsq_group_ops_match_closed_form(backend, shape, group_size, bits, signed):
+    """One step per group of ``group_size`` consecutive input elements: the forward and
+    grad_x bit for bit against the closed form on ``x`` read as ``[groups, group_size]``, the
+    fused path equal to the unfused one, each group's step gradient within the fp32 bound,
+    with ``g = 1 / sqrt(group_size * Q_P)`` (``grad_scale_count: per_step``)."""
+    q, x, w, steps = _group_case(shape, group_size, bits, signed)
+    q_n, q_p = q.levels
+    rows = steps.numel()
+    xr, wr = x.reshape(rows, -1), w.reshape(rows, -1)
+    y0, gx0, _ = run(q, x, w, "off", "torch")
+    y1, gx1, g1 = run(q, x, w, "on", backend)
+    assert same_bits(y1, lsq_forward(xr, steps, q_n, q_p).reshape(shape)) and same_bits(y1, y0)
+    assert same_bits(gx1, lsq_grad_x(xr, steps, q_n, q_p, wr).reshape(shape))
+    assert same_bits(gx1, gx0)
+    assert q.grad_scale_value(x) == 1 / math.sqrt(group_size * q_p)
+    assert_fp32_sum(g1["step"], lsq_step_terms(xr, steps, q_n, q_p, wr), rows=rows,
+                    scale=q.grad_scale_value(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,group_size", GROUP_CASES[:2])
+def test_tempering_group_ops_match_closed_form(backend, shape, group_size):
+    """Error-aware tempering noise with one step per group: output bit for bit given the
+    noise drawn, each group's step gradient (noise term included) within the fp32 bound."""
+    q, x, w, steps = _group_case(shape, group_size, 4, True, noise="error", lambda_=0.7)
+    q.train()
+    q_n, q_p = q.levels
+    rows = steps.numel()
+    y, gx, grads = run(q, x, w, "on", backend, seed=5)
+    xr, wr = x.reshape(rows, -1), w.reshape(rows, -1)
+    xil = drawn_noise(backend, 1, drawn_seed(x, 5), xr, steps, torch.tensor([0.7]))
+    sv = steps.reshape(-1, 1)
+    c = torch.clamp(xr / sv, -q_n, q_p)
+    codes = torch.round(c)
+    assert same_bits(y, ((codes + (codes - c) * xil) * sv).reshape(shape))
+    assert same_bits(gx, lsq_grad_x(xr, steps, q_n, q_p, wr).reshape(shape))
+    terms = lsq_step_terms(xr, steps, q_n, q_p, wr, 1.0, xil, "error")
+    assert_fp32_sum(grads["step"], terms, rows=rows, scale=q.grad_scale_value(x))
+
+
 # -- step contract with tempering noise ------------------------------------------------------
 
 def drawn_noise(backend, code, seed, x, s, lam):

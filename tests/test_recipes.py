@@ -32,7 +32,7 @@ from qtrainer.recipes import registry
 from qtrainer.recipes.yaml_codec import parse_yaml
 
 BUILTINS = [
-    "lsq-2bit", "lsq-3bit", "lsq-4bit", "lsq-8bit",
+    "lsq-2bit", "lsq-3bit", "lsq-4bit", "lsq-8bit", "lsq-w4-g128",
     "nipq-2bit", "nipq-3bit", "nipq-4bit", "nipq-mp-3bit", "nipq-mp-4bit",
     "tempering-2bit", "tempering-3bit", "tempering-4bit",
 ]
@@ -85,9 +85,13 @@ def test_builtin_folder_holds_exactly_the_documented_recipes():
 def test_every_builtin_loads_with_its_name_and_a_description(name):
     recipe = get_recipe(name)
     assert recipe.name == name
-    method, bits = name.split("-")[0], int(name[-4])
+    method = name.split("-")[0]
     assert recipe.method.name == method
-    if "-mp-" not in name:
+    if name == "lsq-w4-g128":
+        assert (recipe.bits.weight, recipe.bits.activation) == (4, 8)
+        assert (recipe.method.granularity, recipe.method.group_size) == ("group", 128)
+    elif "-mp-" not in name:
+        bits = int(name[-4])
         assert (recipe.bits.weight, recipe.bits.activation) == (bits, bits)
     authors = {"lsq": "(Esser et al., ICLR 2020)", "nipq": "(Shin et al., CVPR 2023)",
                "tempering": "(Wang et al., arXiv 2212.05603)"}[method]
@@ -111,6 +115,8 @@ def test_lsq_paper_training_settings(name):
     assert r.first_last.bits == 8
     assert (r.phases.epochs, r.phases.hard_epochs, r.phases.bn_reestimation_batches) == (90, 0, 0)
     assert (r.method.grad_scale, r.method.per_channel, r.method.init) == ("numel", False, "lsq")
+    assert (r.method.granularity, r.method.group_size, r.method.grad_scale_count) == (
+        "tensor", 128, "per_step")
     assert r.mixed_precision.target == "none" and r.distillation.enabled is False
 
 
@@ -162,6 +168,8 @@ def test_documented_defaults():
     r = load_recipe(minimal())
     assert (r.version, r.description, r.include, r.exclude, r.overrides) == (1, "", ("*",), (), {})
     assert (r.method.grad_scale, r.method.per_channel, r.method.init) == ("numel", False, "lsq")
+    assert (r.method.granularity, r.method.group_size, r.method.grad_scale_count) == (
+        "tensor", 128, "per_step")
     assert r.first_last.bits == 8
     o = r.optimizer
     assert (o.policy, o.name, o.momentum, o.nesterov, o.betas, o.eps) == ("auto", "sgd", 0.9, False,
@@ -416,7 +424,7 @@ def nipq(**method) -> dict:
 @pytest.mark.parametrize("make, key_path, fragments", [
     (lambda: _set(lsq4(), "method.grad_scal", "none"), "method.grad_scal",
      ["unknown key 'method.grad_scal'; did you mean 'grad_scale'? "
-      "(allowed keys in 'method': name, grad_scale, per_channel, init)"]),
+      "(allowed keys in 'method': name, grad_scale, per_channel, init, granularity, group_size, grad_scale_count)"]),
     (lambda: _set(lsq4(), "method.grad_scale", "numl"), "method.grad_scale",
      ["invalid value 'numl'", "allowed: one of 'numel', 'per_sample', 'none'", "did you mean 'numel'?"]),
     (lambda: _set(lsq4(), "method.name", "nipqq"), "method.name",
@@ -491,6 +499,13 @@ def nipq(**method) -> dict:
     (lambda: _set(nipq(b_max=8), "bits.weight", 9), "bits.weight", ["between method.b_min (2) and method.b_max (8)"]),
     (lambda: nipq(b_min=6, b_max=6), "method.b_max", ["must be greater than method.b_min (6)"]),
     (lambda: {"extends": "lsq-4bit", "name": "child", "x": 1}, "x", ["unknown key 'x'"]),
+    (lambda: _set(lsq4(), "method.granularity", "grup"), "method.granularity",
+     ["'grup'", "tensor", "channel", "group", "did you mean 'group'"]),
+    (lambda: _set(lsq4(), "method.group_size", 0), "method.group_size", ["[1, 1048576]"]),
+    (lambda: _set(lsq4(), "method.grad_scale_count", "per_group"), "method.grad_scale_count",
+     ["per_step", "tensor"]),
+    (lambda: _set(_set(lsq4(), "method.granularity", "group"), "method.per_channel", True),
+     "method.per_channel", ["contradicts method.granularity: group"]),
 ])
 def test_validation_errors_name_key_value_allowed_and_close_match(make, key_path, fragments):
     err = error_of(make())
@@ -574,12 +589,16 @@ def test_effective_weight_decay_scales_other_bases_and_nipq_has_no_factors():
 def test_surgery_kwargs_contents():
     assert get_recipe("lsq-4bit").surgery_kwargs() == {
         "method": "lsq", "weight_bits": 4, "act_bits": 4,
-        "method_kwargs": {"grad_scale": "numel", "per_channel": False, "init": "lsq"},
+        "method_kwargs": {"grad_scale": "numel", "per_channel": False, "init": "lsq",
+                          "granularity": "tensor", "group_size": 128,
+                          "grad_scale_count": "per_step"},
         "first_last_bits": 8, "include": ["*"], "exclude": [], "overrides": {},
     }
     t = get_recipe("tempering-2bit").surgery_kwargs()
     assert t["method_kwargs"] == {"grad_scale": "numel", "per_channel": False, "init": "lsq",
-                                  "noise": "error", "noise_dist": "uniform"}  # lambda_0, k: schedule
+                                  "noise": "error", "noise_dist": "uniform",
+                                  "granularity": "tensor", "group_size": 128,
+                                  "grad_scale_count": "per_step"}  # lambda_0, k: schedule
     assert (t["method"], t["weight_bits"], t["act_bits"]) == ("tempering", 2, 2)
     n = get_recipe("nipq-mp-3bit").surgery_kwargs()
     assert n["method_kwargs"] == {"noise": "histogram", "learn_bits": True, "b_min": 2, "b_max": 14,
@@ -595,9 +614,11 @@ def test_surgery_accepts_every_builtins_kwargs(name):
     surgery = pytest.importorskip("qtrainer.surgery")
     kwargs = get_recipe(name).surgery_kwargs()
     assert set(kwargs) <= set(inspect.signature(surgery.quantize_model).parameters)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
-                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 10))
-    report = surgery.quantize_model(model, **kwargs, example_input=torch.randn(2, 3, 8, 8))
+    # every layer's inputs per output row (128, 256, 512) a multiple of lsq-w4-g128's groups
+    model = torch.nn.Sequential(torch.nn.Conv2d(32, 16, 2), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 32, 4), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(32 * 4 * 4, 10))
+    report = surgery.quantize_model(model, **kwargs, example_input=torch.randn(2, 32, 8, 8))
     assert len(report) == 3
 
 

@@ -6,8 +6,9 @@ of the quantizer modules, the CPU default and the torch fallback of the fused op
 implement the same contracts and are compared with these functions by the tests.
 
 Conventions: ``x`` any float dtype (the math runs in fp32, outputs come back in ``x``'s dtype,
-gradients of parameters in fp32); parameters are 1-D fp32 tensors (``s``: one step size or one
-per channel along dim 0 of ``x``; ``alpha``, ``delta``: one value); ``lam`` an fp32 tensor
+gradients of parameters in fp32); parameters are 1-D fp32 tensors (``s``: one step size, one
+per channel along dim 0 of ``x``, or one per group: see :func:`step_rows`; ``alpha``,
+``delta``: one value); ``lam`` an fp32 tensor
 ``[1]``; training noise is an fp32 tensor shaped like ``x``, drawn from an int64 seed tensor
 ``[1]`` by :func:`tempering_noise` / :func:`nipq_z` (so forward, recomputed forward and
 backward use the same noise without storing it). Gradient sums accumulate in fp32.
@@ -33,8 +34,24 @@ _HTB = torch.ops.aten.hardtanh_backward.default
 _HTB_OUT = torch.ops.aten.hardtanh_backward.grad_input
 
 
+def step_rows(s: Tensor, x: Tensor) -> Tensor:
+    """``x`` viewed so that the step sizes ``s`` run along its dim 0: ``x`` itself for one
+    step or one per channel (``s.numel() == x.shape[0]``), else (one step per group) ``x``
+    reshaped to ``[R, numel / R]``, ``R = s.numel()``: the elements of ``x`` in row-major order
+    cut into ``R`` equal contiguous groups (a weight ``[out, in, ...]`` with groups of
+    ``group_size`` along its flattened input dimension). A view for a contiguous ``x``."""
+    rows = s.numel()
+    if rows == 1 or (x.dim() > 0 and x.shape[0] == rows):
+        return x
+    if rows == 0 or x.numel() % rows:
+        raise ValueError(f"{rows} step sizes do not divide a tensor shaped {tuple(x.shape)} "
+                         f"({x.numel()} elements) into equal groups")
+    return x.reshape(rows, -1)
+
+
 def step_view(s: Tensor, x: Tensor) -> Tensor:
-    """The fp32 step size shaped to broadcast against ``x``: ``[1]`` or ``[C, 1, ...]``."""
+    """The fp32 step size shaped to broadcast against ``x`` (already passed through
+    :func:`step_rows`): ``[1]`` or ``[R, 1, ...]``."""
     s = s.float()
     if s.numel() == 1:
         return s.reshape(1)
@@ -151,6 +168,13 @@ def step_codes(x: Tensor, sv: Tensor, q_n: int, q_p: int) -> Tensor:
     return torch.div(x, sv).clamp_(-q_n, q_p).round_()
 
 
+def dequantize(codes: Tensor, s: Tensor) -> Tensor:
+    """``codes * s`` with ``s`` one step, one per channel or one per group (:func:`step_rows`),
+    fp32 shaped like ``codes``: the eval output of the step contract from its codes."""
+    rows = step_rows(s, codes.float())
+    return (rows * step_view(s, rows)).view(codes.shape)
+
+
 def step_forward(x: Tensor, s: Tensor, q_n: int, q_p: int, noise: int, xil: Tensor | None,
                  keep_clip: bool = False):
     """``q = round(clip(x / s, -Q_N, Q_P)) * s``; with tempering noise ``xil = lambda * xi``
@@ -158,7 +182,12 @@ def step_forward(x: Tensor, s: Tensor, q_n: int, q_p: int, noise: int, xil: Tens
     ``(code + (code - c) xil) * s`` (error-aware: ``q + lambda xi e`` with ``e = q - c s``)
     or ``(code + xil) * s`` (``uniform_step``: ``q + lambda s u``), ``code = round(c)``,
     ``c = clip(x / s)``. Returns ``x``'s dtype (``xil`` is not modified); with ``keep_clip``
-    also ``c`` for :func:`step_backward`."""
+    also ``c`` for :func:`step_backward` (shaped like ``step_rows(s, x)``)."""
+    rows = step_rows(s, x)
+    if rows is not x:  # one step per group
+        out = step_forward(rows, s, q_n, q_p, noise, None if xil is None else
+                           xil.reshape(rows.shape), keep_clip)
+        return (out[0].view(x.shape), out[1]) if keep_clip else out.view(x.shape)
     sv = step_view(s, x)
     if not (noise or keep_clip):
         return step_codes(x, sv, q_n, q_p).mul_(sv).to(x.dtype)
@@ -184,8 +213,15 @@ def step_backward(grad: Tensor, x: Tensor, s: Tensor, q_n: int, q_p: int, g: flo
     ``lambda xi (round(x/s) - x/s)`` inside (error-aware) or ``lambda u`` (``uniform_step``),
     ``xil = lambda * xi`` as in :func:`step_forward`. Each sum is an fp32 dot product of
     exactly computed per-element terms. ``clip``: ``c`` from :func:`step_forward`
-    (``keep_clip``), else computed; ``xil`` and ``clip`` are consumed.
+    (``keep_clip``), else computed; ``xil`` and ``clip`` are consumed. One step per group:
+    the sums run over each group of :func:`step_rows`.
     """
+    rows = step_rows(s, x)
+    if rows is not x:
+        gx, gs = step_backward(grad.reshape(rows.shape), rows, s, q_n, q_p, g, noise,
+                               None if xil is None else xil.reshape(rows.shape), need_x,
+                               need_s, clip)
+        return (None if gx is None else gx.view(x.shape)), gs
     sv = step_view(s, x)
     c = torch.div(x, sv).clamp_(-q_n, q_p) if clip is None else clip
     gf = grad.float()
@@ -311,8 +347,8 @@ def nipq_hard_backward(grad: Tensor, x: Tensor, alpha: Tensor, n: int, signed: b
 
 
 __all__ = [
-    "HIST_BINS", "LUT_SIZE", "NOISE_CODES", "dot_rows", "gaussian", "inside_grad",
+    "HIST_BINS", "LUT_SIZE", "NOISE_CODES", "dequantize", "dot_rows", "gaussian", "inside_grad",
     "nipq_error_bins", "nipq_hard_backward", "nipq_hard_codes", "nipq_hard_forward", "nipq_lut",
     "nipq_noise_backward", "nipq_noise_forward", "nipq_z", "step_backward",
-    "step_codes", "step_forward", "step_view", "tempering_noise", "uniform",
+    "step_codes", "step_forward", "step_rows", "step_view", "tempering_noise", "uniform",
 ]

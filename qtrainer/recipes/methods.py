@@ -6,9 +6,23 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Union
 
-from .checks import Bool, Float, OneOf
+from .checks import Bool, Float, Int, OneOf
 from .errors import RecipeError
 from .fields import BITS, checked_field, expect_mapping, parse_section
+
+
+GRANULARITY = OneOf(("tensor", "channel", "group"))
+GROUP_SIZE = Int(1, 1 << 20)
+GRAD_SCALE_COUNT = OneOf(("per_step", "tensor"))
+
+
+def check_granularity(method) -> None:
+    """``per_channel: true`` (the older spelling of ``granularity: channel``) contradicts
+    ``granularity: group``."""
+    if getattr(method, "per_channel", False) and method.granularity == "group":
+        raise RecipeError("method.per_channel", "method.per_channel: true contradicts "
+                          "method.granularity: group; give method.granularity alone (tensor, "
+                          "channel or group)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,7 +33,18 @@ class LSQMethod:
         grad_scale: factor on the step size's gradient. ``numel``: ``1/sqrt(N*Q_P)`` with ``N``
             the element count of the quantized tensor, batch included for activations (the
             paper's code); ``per_sample``: ``N`` without the batch dimension; ``none``: 1.
-        per_channel: one step size per output channel of a weight instead of one per tensor.
+        per_channel: one step size per output channel of a weight (the older spelling of
+            ``granularity: channel``; ``true`` with ``granularity: group`` is an error).
+        granularity: step sizes of a weight. ``tensor``: one; ``channel``: one per output
+            channel; ``group``: one per ``group_size`` consecutive input elements of each output
+            row (a conv weight ``[out, in, kh, kw]`` read as ``[out, in*kh*kw]``). Activations
+            always have one step.
+        group_size: elements per group for ``granularity: group``; it must divide every
+            quantized layer's input elements per output row (checked when the model is
+            quantized, naming the layer).
+        grad_scale_count: ``N`` of the gradient scale for channel and group steps.
+            ``per_step``: the elements sharing one step (``numel / C``, ``group_size``);
+            ``tensor``: the whole weight's element count (lsq-net's code).
         init: step size initialization. ``lsq``: ``2*mean|v|/sqrt(Q_P)`` (the paper);
             ``minmax``: ``max|v|/Q_P``; ``mse``: the step of least quantization MSE on the
             initializing tensor (a grid search that includes the lsq and minmax steps);
@@ -30,11 +55,19 @@ class LSQMethod:
     """
 
     name: ClassVar[str] = "lsq"
-    quantizer_args: ClassVar[tuple[str, ...]] = ("grad_scale", "per_channel", "init")
+    quantizer_args: ClassVar[tuple[str, ...]] = (
+        "grad_scale", "per_channel", "init", "granularity", "group_size", "grad_scale_count",
+    )
 
     grad_scale: str = checked_field(OneOf(("numel", "per_sample", "none")), "numel")
     per_channel: bool = checked_field(Bool(), False)
     init: str = checked_field(OneOf(("lsq", "minmax", "mse", "percentile")), "lsq")
+    granularity: str = checked_field(GRANULARITY, "tensor")
+    group_size: int = checked_field(GROUP_SIZE, 128)
+    grad_scale_count: str = checked_field(GRAD_SCALE_COUNT, "per_step")
+
+    def __post_init__(self):
+        check_granularity(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,7 +75,8 @@ class TemperingMethod:
     """Noise tempering, Wang et al. 2022 (docs/algorithms.md section 3): LSQ plus decaying noise.
 
     Attributes:
-        grad_scale, per_channel, init: as in :class:`LSQMethod`.
+        grad_scale, per_channel, init, granularity, group_size, grad_scale_count: as in
+            :class:`LSQMethod`.
         noise: ``error``: ``y = q + lambda_t * xi * e`` with ``e`` the quantization error;
             ``uniform_step``: ``y = q + lambda_t * s * u``, ``u ~ U(-1/2, 1/2)`` (error-unaware).
         noise_dist: distribution of ``xi`` (zero mean, unit variance): ``uniform`` is
@@ -54,16 +88,23 @@ class TemperingMethod:
 
     name: ClassVar[str] = "tempering"
     quantizer_args: ClassVar[tuple[str, ...]] = (
-        "grad_scale", "per_channel", "init", "noise", "noise_dist",
+        "grad_scale", "per_channel", "init", "noise", "noise_dist", "granularity", "group_size",
+        "grad_scale_count",
     )
 
     grad_scale: str = checked_field(OneOf(("numel", "per_sample", "none")), "numel")
     per_channel: bool = checked_field(Bool(), False)
     init: str = checked_field(OneOf(("lsq", "minmax", "mse", "percentile")), "lsq")
+    granularity: str = checked_field(GRANULARITY, "tensor")
+    group_size: int = checked_field(GROUP_SIZE, 128)
+    grad_scale_count: str = checked_field(GRAD_SCALE_COUNT, "per_step")
     noise: str = checked_field(OneOf(("error", "uniform_step")), "error")
     noise_dist: str = checked_field(OneOf(("uniform", "gaussian")), "uniform")
     lambda_0: float = checked_field(Float(0.0, 100.0), 1.0)
     k: float = checked_field(Float(0.0, 100.0), 5.0)
+
+    def __post_init__(self):
+        check_granularity(self)
 
 
 @dataclass(frozen=True, kw_only=True)
