@@ -602,7 +602,8 @@ def test_surgery_kwargs_contents():
     assert (t["method"], t["weight_bits"], t["act_bits"]) == ("tempering", 2, 2)
     n = get_recipe("nipq-mp-3bit").surgery_kwargs()
     assert n["method_kwargs"] == {"noise": "histogram", "learn_bits": True, "b_min": 2, "b_max": 14,
-                                  "weight_init": "max_abs"}
+                                  "weight_init": "max_abs", "granularity": "tensor",
+                                  "group_size": 128}
     assert (n["first_last_bits"], n["weight_bits"]) == ("same", 8)
     assert get_recipe("lsq-8bit").surgery_kwargs()["first_last_bits"] == 8
     assert load_recipe("lsq-4bit", {"first_last.bits": "fp"}).surgery_kwargs()["first_last_bits"] == "fp"

@@ -148,7 +148,12 @@ def nipq_z(seed: Tensor, lut: Tensor | None, like: Tensor, delta: Tensor | None 
     uniform when ``lut`` is None, else a bin by inverse-CDF sampling through the lookup table
     (a random 16-bit ``j`` picks one of ``LUT_SIZE`` equal-probability cells) and uniform
     inside the bin (a second 16-bit ``k``): ``z = bin / 256 - 1/2 + k / 2^24``, exact. With
-    ``delta`` (``[1]``): ``z * delta`` (bit for bit the product)."""
+    ``delta`` (``[1]``): ``z * delta`` (bit for bit the product); several deltas: each row of
+    :func:`step_rows` times its delta (shaped like ``like``, contiguous)."""
+    if delta is not None and delta.numel() > 1:  # one delta per row of step_rows
+        z = nipq_z(seed, lut, like)
+        rows = step_rows(delta, z)
+        return (rows * step_view(delta, rows).to(rows.device)).view(like.shape)
     if lut is None:
         return uniform(seed, like, 1.0 if delta is None else delta.float().reshape(1))
     n = like.numel()
@@ -240,23 +245,37 @@ def step_backward(grad: Tensor, x: Tensor, s: Tensor, q_n: int, q_p: int, g: flo
 
 
 # -- NIPQ ------------------------------------------------------------------------------------
+# ``alpha`` (and ``delta``) hold one value, one per channel or one per group; ``x`` is read
+# through :func:`step_rows` (by the alpha's count) as for step sizes.
 
-def _bounds(alpha: Tensor, signed: bool) -> tuple[float, float]:
-    """``(lo, alpha)`` as Python floats (read on the host)."""
-    a = float(alpha.reshape(-1)[0])
-    return (-a if signed else 0.0), a
+def _bounds(alpha: Tensor, signed: bool, rows: Tensor):
+    """``(lo, alpha)``: Python floats (read on the host) for one ``alpha``, else fp32 tensors
+    broadcasting against ``rows`` (``x`` through :func:`step_rows`)."""
+    if alpha.numel() == 1:
+        a = float(alpha.reshape(-1)[0])
+        return (-a if signed else 0.0), a
+    a = step_view(alpha, rows)
+    return (-a if signed else torch.zeros_like(a)), a
+
+
+def _inside(grad: Tensor, v: Tensor, lo, hi, out: Tensor | None = None) -> Tensor:
+    """:func:`inside_grad` for float or per-row tensor bounds (NaN passes, as there)."""
+    if not isinstance(hi, Tensor):
+        return inside_grad(grad, v, lo, hi, out)
+    beyond = (v <= lo) | (v >= hi)
+    return grad.masked_fill(beyond, 0.0) if out is None else out.copy_(grad).masked_fill_(beyond, 0.0)
 
 
 def nipq_error_bins(x: Tensor, alpha: Tensor, delta: Tensor, signed: bool) -> Tensor:
     """Per element, 1 + the histogram bin (of ``HIST_BINS`` over ``[-1/2, 1/2]``) of the
     rounding error ``e = round(x/delta) - x/delta`` for ``lo < x < alpha``, 0 elsewhere
-    (int32). Bin of ``e``: ``min(trunc(fl(256 e + 129)), 256) - 1`` (``fl``: fp32
-    rounding)."""
-    lo, hi = _bounds(alpha, signed)
-    xf = x.float()
-    r = torch.div(xf, delta.float().reshape(1))
+    (int32; per row of :func:`step_rows` for several alphas, one histogram in all). Bin of
+    ``e``: ``min(trunc(fl(256 e + 129)), 256) - 1`` (``fl``: fp32 rounding)."""
+    xf = step_rows(alpha, x.float())
+    lo, hi = _bounds(alpha, signed, xf)
+    r = torch.div(xf, step_view(delta, xf))
     v = torch.round(r).sub_(r).mul_(HIST_BINS).add_(HIST_BINS // 2 + 1)  # in [1, 257]
-    v = inside_grad(v, xf, lo, hi, out=v)
+    v = _inside(v, xf, lo, hi, out=v)
     return v.to(torch.int32).clamp_(0, HIST_BINS)  # NaN inputs land in the dropped 0
 
 
@@ -278,72 +297,84 @@ def nipq_noise_forward(x: Tensor, alpha: Tensor, zd: Tensor, signed: bool,
                        keep_clip: bool = False):
     """``alpha`` where ``x >= alpha``, ``lo`` where ``x <= lo``, else ``x + zd`` with ``zd =
     z * delta`` (fp32 shaped like ``x``, from :func:`nipq_z`; set to 0 outside, in place);
-    with ``keep_clip`` also ``clip(x, lo, alpha)`` for :func:`nipq_noise_backward`."""
-    lo, hi = _bounds(alpha, signed)
+    with ``keep_clip`` also ``clip(x, lo, alpha)`` (shaped like ``step_rows(alpha, x)``) for
+    :func:`nipq_noise_backward`."""
     xf = x.float()
-    noise = inside_grad(zd, xf, lo, hi, out=zd)  # 0 outside: the backward's sums agree
-    clipped = torch.clamp(xf, lo, hi)
+    rows = step_rows(alpha, xf)
+    lo, hi = _bounds(alpha, signed, rows)
+    zr = zd if rows is xf else zd.view(rows.shape)
+    noise = _inside(zr, rows, lo, hi, out=zr)  # 0 outside: the backward's sums agree
+    clipped = torch.clamp(rows, lo, hi)
     if keep_clip:
-        return torch.add(clipped, noise).to(x.dtype), clipped
-    return clipped.add_(noise).to(x.dtype)
+        return torch.add(clipped, noise).view(x.shape).to(x.dtype), clipped
+    return clipped.add_(noise).view(x.shape).to(x.dtype)
 
 
 def nipq_noise_backward(grad: Tensor, x: Tensor, alpha: Tensor, delta: Tensor,
                         zd: Tensor | None, signed: bool, need_x: bool, need_params: bool,
                         clip: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
     """``(grad_x, grad_params)``: ``grad_x = grad`` where ``lo < x < alpha``; ``grad_params``
-    fp32 ``[2]``: the direct ``alpha`` gradient (``+sum(grad)`` at and above ``alpha``,
-    ``-sum(grad)`` at and below ``-alpha`` when signed) and the ``delta`` gradient
-    ``sum(grad * z)`` inside, as ``sum(grad_x * zd) / delta`` (``zd`` as drawn, or as the
-    forward left it). ``clip``: ``clip(x, lo, alpha)`` from the forward, consumed."""
-    lo, hi = _bounds(alpha, signed)
+    fp32 ``[2R]`` (``R`` alphas): the direct ``alpha`` gradients (``+sum(grad)`` at and above
+    ``alpha``, ``-sum(grad)`` at and below ``-alpha`` when signed), then the ``delta``
+    gradients ``sum(grad * z)`` inside, as ``sum(grad_x * zd) / delta`` (``zd`` as drawn, or
+    as the forward left it), each summed over its row. ``clip``: ``clip(x, lo, alpha)`` from
+    the forward, consumed."""
     xf, gf = x.float(), grad.float()
-    gx = inside_grad(gf, xf, lo, hi)
+    rows, n = step_rows(alpha, xf), alpha.numel()
+    if rows is not xf:
+        gf = gf.reshape(rows.shape)
+        zd = None if zd is None else zd.reshape(rows.shape)
+    lo, hi = _bounds(alpha, signed, rows)
+    gx = _inside(gf, rows, lo, hi)
     gp = None
     if need_params:
         # at and beyond the bounds clip(x) / alpha is exactly 1, -1 or 0 (unsigned)
-        side = (torch.clamp(xf, lo, hi) if clip is None else clip).div_(hi)
-        g_alpha = dot_rows(torch.sub(gf, gx), side, 1)
-        gp = torch.cat([g_alpha, dot_rows(gx, zd, 1) / delta.float().reshape(1)])
-    return (gx.to(x.dtype) if need_x else None), gp
+        side = (torch.clamp(rows, lo, hi) if clip is None else clip).div_(hi)
+        g_alpha = dot_rows(torch.sub(gf, gx), side, n)
+        gp = torch.cat([g_alpha, dot_rows(gx, zd, n) / delta.float().reshape(-1)])
+    return (gx.view(x.shape).to(x.dtype) if need_x else None), gp
 
 
 def nipq_hard_codes(x: Tensor, alpha: Tensor, n: int, signed: bool) -> Tensor:
-    """The integer codes ``round(n * clip(x / alpha, lo, 1))`` (fp32), ``lo = -1`` signed,
-    else 0; the step is ``alpha / n``."""
-    c = torch.div(x, alpha.float().reshape(1)).clamp_(-1.0 if signed else 0.0, 1.0)
-    return c.mul_(n).round_()
+    """The integer codes ``round(n * clip(x / alpha, lo, 1))`` (fp32, shaped like ``x``),
+    ``lo = -1`` signed, else 0; the step is ``alpha / n``."""
+    rows = step_rows(alpha, x)
+    c = torch.div(rows, step_view(alpha, rows)).clamp_(-1.0 if signed else 0.0, 1.0)
+    return c.mul_(n).round_().view(x.shape)
 
 
 def nipq_hard_forward(x: Tensor, alpha: Tensor, n: int, signed: bool, keep_clip: bool = False):
     """``(alpha / n) * round(n * clip(x / alpha, lo, 1))``; with ``keep_clip`` also
-    ``clip(x / alpha, lo, 1)`` for :func:`nipq_hard_backward`."""
-    step = alpha.float().reshape(1) / n
-    if not keep_clip:
-        return nipq_hard_codes(x, alpha, n, signed).mul_(step).to(x.dtype)
-    c = torch.div(x, alpha.float().reshape(1)).clamp_(-1.0 if signed else 0.0, 1.0)
-    return torch.mul(c, n).round_().mul_(step).to(x.dtype), c
+    ``clip(x / alpha, lo, 1)`` (shaped like ``step_rows(alpha, x)``) for
+    :func:`nipq_hard_backward`."""
+    rows = step_rows(alpha, x)
+    av = step_view(alpha, rows)
+    c = torch.div(rows, av).clamp_(-1.0 if signed else 0.0, 1.0)
+    y = torch.mul(c, n).round_().mul_(av / n).view(x.shape).to(x.dtype)
+    return (y, c) if keep_clip else y
 
 
 def nipq_hard_backward(grad: Tensor, x: Tensor, alpha: Tensor, n: int, signed: bool,
                        need_x: bool, need_alpha: bool,
                        clip: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
-    """``(grad_x, grad_alpha fp32 [1])``: ``grad_x = grad`` strictly inside ``(lo, 1)`` of
+    """``(grad_x, grad_alpha fp32 [R])``: ``grad_x = grad`` strictly inside ``(lo, 1)`` of
     ``x / alpha``, 0 at and beyond the bounds; ``d/d alpha = (Q(x) - x) / alpha`` inside,
     ``+1`` at and above ``alpha``, ``-1`` at and below ``-alpha`` (signed; 0 unsigned): per
-    element ``round(n c) / n - [inside] c`` for ``c = clip(x / alpha, lo, 1)``, summed as
-    ``sum(grad (round(n c) - n c)) / n + sum((grad - grad_x) c)`` (exact terms, fp32 dots).
-    ``clip``: ``c`` from the forward, consumed."""
+    element ``round(n c) / n - [inside] c`` for ``c = clip(x / alpha, lo, 1)``, summed per
+    row as ``sum(grad (round(n c) - n c)) / n + sum((grad - grad_x) c)`` (exact terms, fp32
+    dots). ``clip``: ``c`` from the forward, consumed."""
     lo = -1.0 if signed else 0.0
-    c = torch.div(x, alpha.float().reshape(1)).clamp_(lo, 1.0) if clip is None else clip
-    gf = grad.float()
+    rows = step_rows(alpha, x)
+    c = torch.div(rows, step_view(alpha, rows)).clamp_(lo, 1.0) if clip is None else clip
+    gf = grad.float().reshape(c.shape)
     gx = inside_grad(gf, c, lo, 1.0)
     ga = None
     if need_alpha:
         nc = c * n
         frac = torch.round(nc).sub_(nc)  # 0 at the bounds, where n c is an integer
-        ga = dot_rows(gf, frac, 1) / n + dot_rows(torch.sub(gf, gx, out=frac), c, 1)
-    return (gx.to(x.dtype) if need_x else None), ga
+        r = alpha.numel()
+        ga = dot_rows(gf, frac, r) / n + dot_rows(torch.sub(gf, gx, out=frac), c, r)
+    return (gx.view(x.shape).to(x.dtype) if need_x else None), ga
 
 
 __all__ = [

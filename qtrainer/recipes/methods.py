@@ -119,12 +119,15 @@ class NIPQMethod:
         b_min, b_max: bounds of the continuous bit-width
             ``b_c = b_min + (b_max - b_min) * sigmoid(theta_b)`` (bits).
         weight_init: weight truncation boundary at start. ``max_abs``: ``alpha0 = max|W|``;
-            ``official``: ``alpha0 = softplus(max W)`` as the official code does.
+            ``official``: ``alpha0 = softplus(max W)`` as the official code does (per channel
+            or group with those granularities).
+        granularity, group_size: one truncation boundary ``alpha`` per weight tensor, output
+            channel or group of ``group_size`` input elements, as for :class:`LSQMethod`.
     """
 
     name: ClassVar[str] = "nipq"
     quantizer_args: ClassVar[tuple[str, ...]] = (
-        "noise", "learn_bits", "b_min", "b_max", "weight_init",
+        "noise", "learn_bits", "b_min", "b_max", "weight_init", "granularity", "group_size",
     )
 
     noise: str = checked_field(OneOf(("histogram", "uniform")), "histogram")
@@ -132,6 +135,8 @@ class NIPQMethod:
     b_min: int = checked_field(BITS, 2)
     b_max: int = checked_field(BITS, 14)
     weight_init: str = checked_field(OneOf(("max_abs", "official")), "max_abs")
+    granularity: str = checked_field(GRANULARITY, "tensor")
+    group_size: int = checked_field(GROUP_SIZE, 128)
 
 
 Method = Union[LSQMethod, TemperingMethod, NIPQMethod]

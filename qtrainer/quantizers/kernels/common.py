@@ -102,6 +102,12 @@ def match(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(ref, dtype=t.dtype).copy_(t)
 
 
+def block_for(inner: int) -> int:
+    """The block width for rows of ``inner`` elements: ``BLOCK``, or the power of two that
+    holds a shorter row (at least 16), so small groups do not leave most lanes masked."""
+    return min(BLOCK, max(16, triton.next_power_of_2(max(inner, 1))))
+
+
 def channel_layout(x: torch.Tensor, channels: int) -> tuple[torch.Tensor, int]:
     """``(dense x, elements per row)`` for ``channels`` parameters: one (per tensor), one per
     channel (dim 0 outermost in storage) or, when ``channels`` is not ``x.shape[0]``, one per

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (BLOCK, NUM_WARPS, SUM_BLOCK, channel_layout, clip, finish_sums, grads,
+from .common import (NUM_WARPS, SUM_BLOCK, block_for, channel_layout, clip, finish_sums, grads,
                      like, match, rint, ticket, to_out)
 
 
@@ -115,12 +115,6 @@ def _step_bwd_kernel(g_ptr, x_ptr, s_ptr, seed_ptr, lam_ptr, gx_ptr, part_ptr, o
 
 # -- host side -------------------------------------------------------------------------------
 
-def _block(inner: int) -> int:
-    """The block width for rows of ``inner`` elements: ``BLOCK``, or the power of two that
-    holds a shorter row (at least 16), so small groups do not leave most lanes masked."""
-    return min(BLOCK, max(16, triton.next_power_of_2(max(inner, 1))))
-
-
 def _lam(lam, like_t: torch.Tensor) -> torch.Tensor:
     """The noise weight as a device tensor (a float is accepted for convenience)."""
     if isinstance(lam, torch.Tensor):
@@ -141,7 +135,7 @@ def forward(x: torch.Tensor, s: torch.Tensor, q_n: int, q_p: int, lam=0.0, noise
         raise ValueError("tempering noise needs a seed tensor")
     out_noise = torch.zeros_like(xd, dtype=torch.float32) if return_noise and noise else None
     if inner > 0:
-        block = _block(inner)
+        block = block_for(inner)
         nblk = triton.cdiv(inner, block)
         _step_fwd_kernel[(nblk * s.numel(),)](
             xd, s, seed if noise else s, _lam(lam, s) if noise else s, y,
@@ -162,7 +156,7 @@ def backward(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, q_n: int, q_p
     xd, inner = channel_layout(x, s.numel())
     gd = match(grad, xd)
     channels = s.numel()
-    block = _block(inner)
+    block = block_for(inner)
     nblk = max(triton.cdiv(inner, block), 1)
     gx = torch.empty_like(xd) if need_x else None
     part, gs = grads(channels, nblk, xd, need_s)
