@@ -350,7 +350,8 @@ def nipq_hard_forward(x: Tensor, alpha: Tensor, n: int, signed: bool, keep_clip:
     rows = step_rows(alpha, x)
     av = step_view(alpha, rows)
     c = torch.div(rows, av).clamp_(-1.0 if signed else 0.0, 1.0)
-    y = torch.mul(c, n).round_().mul_(av / n).view(x.shape).to(x.dtype)
+    codes = torch.mul(c, n) if keep_clip else c.mul_(n)  # c itself unless kept
+    y = codes.round_().mul_(av / n).view(x.shape).to(x.dtype)
     return (y, c) if keep_clip else y
 
 

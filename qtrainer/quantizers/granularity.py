@@ -70,8 +70,8 @@ def grad_scale_elements(numel: int, steps: int, count: str) -> int:
     """``N`` of LSQ's gradient scale ``g = 1 / sqrt(N Q_P)`` for a weight of ``numel``
     elements and ``steps`` step sizes: ``per_step`` counts the elements that share one step
     (``numel / steps``: per channel ``numel / C``, per group ``group_size``), ``tensor`` the
-    whole tensor (lsq-net's code, whatever the granularity)."""
-    check_choice("grad_scale_count", count, GRAD_SCALE_COUNTS)
+    whole tensor (lsq-net's code, whatever the granularity); ``count`` is checked by the
+    quantizer's constructor."""
     return numel // max(steps, 1) if count == "per_step" else numel
 
 

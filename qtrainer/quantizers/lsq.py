@@ -108,7 +108,8 @@ class LSQQuantizer(Quantizer):
         self.granularity = granularity
         self.group_size = self.param("group_size").check(group_size)
         self.per_channel = granularity == "channel"
-        self.step = nn.Parameter(torch.ones(step_count(granularity, group_size, shape, channels)))
+        self.n_steps = step_count(granularity, group_size, shape, channels)
+        self.step = nn.Parameter(torch.ones(self.n_steps))
 
     @classmethod
     def build(cls, bits: int, signed: bool, role: str, channels: int | None = None,
@@ -147,8 +148,8 @@ class LSQQuantizer(Quantizer):
         if self.grad_scale == "none":
             return 1.0
         n = x.numel()
-        if self.step.numel() > 1:
-            n = grad_scale_elements(n, self.step.numel(), self.grad_scale_count)
+        if self.n_steps > 1:
+            n = grad_scale_elements(n, self.n_steps, self.grad_scale_count)
         elif self.grad_scale == "per_sample" and x.dim() > 1:
             n //= x.shape[0]
         return 1.0 / math.sqrt(max(n, 1) * self.levels[1])
@@ -186,7 +187,7 @@ class LSQQuantizer(Quantizer):
                     best = torch.where(better, err, best)
             return best_s
 
-        flat = x.reshape(self.step.numel(), -1)  # one row per step: tensor, channel, group
+        flat = x.reshape(self.n_steps, -1)  # one row per step: tensor, channel, group
         # A tight, data-fitted step is unstable where one clipped element moves the step a lot:
         # its gradient on s is Q_P * g (g the gradient scale). Above 0.1 (small high-bit
         # tensors, e.g. ResNet-20's 8-bit first/last layer weights: ~0.45-0.55) the mse and
@@ -209,7 +210,9 @@ class LSQQuantizer(Quantizer):
 
     def _check_shape(self, x: torch.Tensor) -> None:
         """``ValueError`` when ``x`` is not a tensor this quantizer's steps were made for."""
-        n = self.step.numel()
+        n = self.n_steps
+        if n == 1:
+            return
         if self.granularity == "channel" and (x.dim() == 0 or x.shape[0] != n):
             raise ValueError(f"per-channel step size of {n} values does not match dim 0 of a "
                              f"tensor shaped {tuple(x.shape)}")
