@@ -379,11 +379,11 @@ def test_nipq_hard_matches_closed_form(backend, bits, signed):
 
 # -- NIPQ with one alpha per channel or per group --------------------------------------------
 
-def _nipq_rows(shape, granularity, group_size=32, **kw):
-    """A weight quantizer with distinct alphas per row, ``(q, x, w, theta, alpha, rows)``:
-    ``x`` holds row 0's exact bounds."""
+def _nipq_rows(shape, granularity, group_size=32, signed=True, **kw):
+    """A 3-bit weight quantizer with distinct alphas per row, ``(q, x, w, theta, alpha,
+    rows)``: ``x`` holds row 0's exact bounds."""
     torch.manual_seed(len(shape) + group_size)
-    q = NIPQQuantizer(3, True, role="weight", granularity=granularity, group_size=group_size,
+    q = NIPQQuantizer(3, signed, role="weight", granularity=granularity, group_size=group_size,
                       shape=shape, **kw)
     theta = 0.6 + torch.rand(q.theta_a.numel())
     q.theta_a.data.copy_(theta)
@@ -400,28 +400,32 @@ ROW_CASES = [((6, 96), "group", 32), ((2, 4096), "group", 2048), ((5, 3, 2, 2), 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("noise", ["uniform", "histogram"])
-@pytest.mark.parametrize("shape,granularity,group_size", ROW_CASES)
+@pytest.mark.parametrize("shape,granularity,group_size,signed",
+                         [(*c, True) for c in ROW_CASES] + [(*ROW_CASES[0], False)])
 def test_nipq_rows_noise_phase_matches_closed_form(backend, noise, shape, granularity,
-                                                   group_size):
+                                                   group_size, signed):
     """Per row (channel or group) of its own ``alpha``: output bit for bit given ``z``, grad_x
     inside that row's bounds, and that row's ``theta_a`` gradient within the fp32 bound; the
     histogram pools every row's rounding errors in units of the row's delta."""
-    q, x, w, theta, alpha, rows = _nipq_rows(shape, granularity, group_size, noise=noise)
-    delta = alpha / 3
+    q, x, w, theta, alpha, rows = _nipq_rows(shape, granularity, group_size, signed, noise=noise)
+    n = 3 if signed else 7
+    delta = alpha / n
     y, gx, grads = run(q, x, w, "on", backend, seed=9)
     seed = drawn_seed(x, 9)
     with ops.options(backend=backend):
-        lut = ops.nipq_lut(x, alpha, delta, True) if noise == "histogram" else None
+        lut = ops.nipq_lut(x, alpha, delta, signed) if noise == "histogram" else None
     if lut is not None:
-        assert torch.equal(lut, formulas.nipq_lut(formulas.nipq_error_bins(x, alpha, delta, True)))
-    z = drawn_z(backend, seed, lut, x, alpha, delta, True).reshape(rows, -1)
+        bins = formulas.nipq_error_bins(x, alpha, delta, signed)
+        assert torch.equal(lut, formulas.nipq_lut(bins))
+    z = drawn_z(backend, seed, lut, x, alpha, delta, signed).reshape(rows, -1)
     xr, wr, yr, gxr = (t.reshape(rows, -1) for t in (x, w, y, gx))
     for r in range(rows):
         a = alpha[r].item()
-        assert same_bits(yr[r], nipq_noise_forward(xr[r], a, delta[r], z[r], True))
-        _, _, inside = nipq_noise_masks(xr[r], a, True)
+        assert same_bits(yr[r], nipq_noise_forward(xr[r], a, delta[r], z[r], signed))
+        _, _, inside = nipq_noise_masks(xr[r], a, signed)
         assert same_bits(gxr[r], torch.where(inside, wr[r], 0.0))
-        terms = nipq_alpha_terms(xr[r], a, True, wr[r]) + wr[r].double() * z[r].double() / 3 * inside
+        terms = (nipq_alpha_terms(xr[r], a, signed, wr[r])
+                 + wr[r].double() * z[r].double() / n * inside)
         sig = torch.sigmoid(theta[r]).item()
         assert_fp32_sum(grads["theta_a"][r], terms, scale=sig)
 

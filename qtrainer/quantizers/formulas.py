@@ -250,20 +250,30 @@ def step_backward(grad: Tensor, x: Tensor, s: Tensor, q_n: int, q_p: int, g: flo
 
 def _bounds(alpha: Tensor, signed: bool, rows: Tensor):
     """``(lo, alpha)``: Python floats (read on the host) for one ``alpha``, else fp32 tensors
-    broadcasting against ``rows`` (``x`` through :func:`step_rows`)."""
+    broadcasting against ``rows`` (``x`` through :func:`step_rows`; ``lo`` 0.0 unsigned)."""
     if alpha.numel() == 1:
         a = float(alpha.reshape(-1)[0])
         return (-a if signed else 0.0), a
     a = step_view(alpha, rows)
-    return (-a if signed else torch.zeros_like(a)), a
+    return (-a if signed else 0.0), a
 
 
-def _inside(grad: Tensor, v: Tensor, lo, hi, out: Tensor | None = None) -> Tensor:
-    """:func:`inside_grad` for float or per-row tensor bounds (NaN passes, as there)."""
+def _inside(grad: Tensor, v: Tensor, lo, hi, signed: bool, out: Tensor | None = None) -> Tensor:
+    """:func:`inside_grad` for float or per-row tensor bounds (NaN passes, as there; signed
+    bounds ``-hi, hi`` test ``|v| >= hi``: one broadcast comparison instead of two)."""
     if not isinstance(hi, Tensor):
         return inside_grad(grad, v, lo, hi, out)
-    beyond = (v <= lo) | (v >= hi)
+    beyond = v.abs() >= hi if signed else (v <= lo) | (v >= hi)
     return grad.masked_fill(beyond, 0.0) if out is None else out.copy_(grad).masked_fill_(beyond, 0.0)
+
+
+def _clip(v: Tensor, lo, hi) -> Tensor:
+    """``clamp(v, lo, hi)`` (NaN stays NaN); per-row tensor bounds through ``minimum`` and
+    ``maximum``, several times faster on CPU than ``clamp`` with broadcast tensors."""
+    if not isinstance(hi, Tensor):
+        return torch.clamp(v, lo, hi)
+    low = torch.minimum(v, hi)
+    return torch.maximum(low, lo) if isinstance(lo, Tensor) else low.clamp_(min=lo)
 
 
 def nipq_error_bins(x: Tensor, alpha: Tensor, delta: Tensor, signed: bool) -> Tensor:
@@ -275,7 +285,7 @@ def nipq_error_bins(x: Tensor, alpha: Tensor, delta: Tensor, signed: bool) -> Te
     lo, hi = _bounds(alpha, signed, xf)
     r = torch.div(xf, step_view(delta, xf))
     v = torch.round(r).sub_(r).mul_(HIST_BINS).add_(HIST_BINS // 2 + 1)  # in [1, 257]
-    v = _inside(v, xf, lo, hi, out=v)
+    v = _inside(v, xf, lo, hi, signed, out=v)
     return v.to(torch.int32).clamp_(0, HIST_BINS)  # NaN inputs land in the dropped 0
 
 
@@ -303,8 +313,8 @@ def nipq_noise_forward(x: Tensor, alpha: Tensor, zd: Tensor, signed: bool,
     rows = step_rows(alpha, xf)
     lo, hi = _bounds(alpha, signed, rows)
     zr = zd if rows is xf else zd.view(rows.shape)
-    noise = _inside(zr, rows, lo, hi, out=zr)  # 0 outside: the backward's sums agree
-    clipped = torch.clamp(rows, lo, hi)
+    noise = _inside(zr, rows, lo, hi, signed, out=zr)  # 0 outside: the backward's sums agree
+    clipped = _clip(rows, lo, hi)
     if keep_clip:
         return torch.add(clipped, noise).view(x.shape).to(x.dtype), clipped
     return clipped.add_(noise).view(x.shape).to(x.dtype)
@@ -325,11 +335,11 @@ def nipq_noise_backward(grad: Tensor, x: Tensor, alpha: Tensor, delta: Tensor,
         gf = gf.reshape(rows.shape)
         zd = None if zd is None else zd.reshape(rows.shape)
     lo, hi = _bounds(alpha, signed, rows)
-    gx = _inside(gf, rows, lo, hi)
+    gx = _inside(gf, rows, lo, hi, signed)
     gp = None
     if need_params:
         # at and beyond the bounds clip(x) / alpha is exactly 1, -1 or 0 (unsigned)
-        side = (torch.clamp(rows, lo, hi) if clip is None else clip).div_(hi)
+        side = (_clip(rows, lo, hi) if clip is None else clip).div_(hi)
         g_alpha = dot_rows(torch.sub(gf, gx), side, n)
         gp = torch.cat([g_alpha, dot_rows(gx, zd, n) / delta.float().reshape(-1)])
     return (gx.view(x.shape).to(x.dtype) if need_x else None), gp
