@@ -94,7 +94,8 @@ def _check_patterns(arg: str, patterns, names: list[str], modules: dict) -> None
 
 
 def _check_method_kwargs(method: str, method_kwargs: dict) -> None:
-    allowed = set(inspect.signature(METHODS[method]).parameters) - {"bits", "signed", "role", "channels"}
+    allowed = set(inspect.signature(METHODS[method]).parameters) - {"bits", "signed", "role", "channels",
+                                                                     "shape"}
     for key in method_kwargs:
         if key not in allowed:
             close = difflib.get_close_matches(key, sorted(allowed), n=1)
@@ -257,8 +258,11 @@ def _build_layer(module: nn.Module, report: LayerReport) -> QuantizedLayer:
     _check_attention(module, report)
     ref = quantizable_weight(module)
     kwargs = report.method_kwargs
-    wq = make_quantizer(report.method, report.weight_bits, True, "weight", ref.shape[0], **kwargs) \
-        if report.weight_bits is not None else None
+    try:
+        wq = make_quantizer(report.method, report.weight_bits, True, "weight", ref.shape[0],
+                            tuple(ref.shape), **kwargs) if report.weight_bits is not None else None
+    except ValueError as e:  # e.g. a group size that does not divide this layer's inputs
+        raise ValueError(f"layer {report.name!r} ({report.kind}): {e}") from None
     aq = make_quantizer(report.method, report.act_bits, report.signed_input, "input", **kwargs) \
         if report.act_bits is not None else None
     built = (module, wq and wq.to(ref.device), aq and aq.to(ref.device))

@@ -28,6 +28,7 @@ from qtrainer.export.int_format import storage_dtype
 from qtrainer.models import SmallCNN, resnet20
 from qtrainer.nn import named_quantizers
 from qtrainer.quantizers import NIPQQuantizer
+from threads import one_thread  # noqa: F401 (autouse: one torch thread)
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -37,14 +38,6 @@ CIFAR_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
 
 
 # -- fixtures ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cifar_root():
     try:
         from qtrainer.data import default_cifar10_jpeg_root

@@ -118,6 +118,70 @@ def test_lsq_special_values(backend, signed):
     assert gx1[0].item() == -1.0 and gx1[5].item() == 0.0 and gx1[6].item() == 0.0
 
 
+# -- step contract, one step per group -------------------------------------------------------
+
+GROUP_CASES = [((8, 4, 3, 3), 12), ((6, 96), 32), ((2, 4096), 2048)]  # the last: 2 blocks a row
+
+
+def _group_case(shape, group_size, bits, signed, **kw):
+    """A group-wise quantizer with distinct steps per group, and ``x`` with the exact bounds
+    and a tie in group 0."""
+    torch.manual_seed(bits + len(shape))
+    q = (TemperingQuantizer if kw else LSQQuantizer)(
+        bits, signed, granularity="group", group_size=group_size, shape=shape, **kw)
+    q_n, q_p = q.levels
+    steps = 0.15 + 0.3 * torch.rand(q.step.numel())
+    q.step.data.copy_(steps)
+    q._mark_initialized()
+    x = torch.randn(shape) * 0.3 * q_p
+    s0 = float(steps[0])
+    x.view(-1)[:4] = torch.tensor([-q_n * s0, q_p * s0, (q_p + 2) * s0, 1.5 * s0])
+    return q, x, torch.randn(shape), steps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,group_size", GROUP_CASES)
+@pytest.mark.parametrize("bits,signed", [(4, True), (3, False)])
+def test_lsq_group_ops_match_closed_form(backend, shape, group_size, bits, signed):
+    """One step per group of ``group_size`` consecutive input elements: the forward and
+    grad_x bit for bit against the closed form on ``x`` read as ``[groups, group_size]``, the
+    fused path equal to the unfused one, each group's step gradient within the fp32 bound,
+    with ``g = 1 / sqrt(group_size * Q_P)`` (``grad_scale_count: per_step``)."""
+    q, x, w, steps = _group_case(shape, group_size, bits, signed)
+    q_n, q_p = q.levels
+    rows = steps.numel()
+    xr, wr = x.reshape(rows, -1), w.reshape(rows, -1)
+    y0, gx0, _ = run(q, x, w, "off", "torch")
+    y1, gx1, g1 = run(q, x, w, "on", backend)
+    assert same_bits(y1, lsq_forward(xr, steps, q_n, q_p).reshape(shape)) and same_bits(y1, y0)
+    assert same_bits(gx1, lsq_grad_x(xr, steps, q_n, q_p, wr).reshape(shape))
+    assert same_bits(gx1, gx0)
+    assert q.grad_scale_value(x) == 1 / math.sqrt(group_size * q_p)
+    assert_fp32_sum(g1["step"], lsq_step_terms(xr, steps, q_n, q_p, wr), rows=rows,
+                    scale=q.grad_scale_value(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,group_size", GROUP_CASES[:2])
+def test_tempering_group_ops_match_closed_form(backend, shape, group_size):
+    """Error-aware tempering noise with one step per group: output bit for bit given the
+    noise drawn, each group's step gradient (noise term included) within the fp32 bound."""
+    q, x, w, steps = _group_case(shape, group_size, 4, True, noise="error", lambda_=0.7)
+    q.train()
+    q_n, q_p = q.levels
+    rows = steps.numel()
+    y, gx, grads = run(q, x, w, "on", backend, seed=5)
+    xr, wr = x.reshape(rows, -1), w.reshape(rows, -1)
+    xil = drawn_noise(backend, 1, drawn_seed(x, 5), xr, steps, torch.tensor([0.7]))
+    sv = steps.reshape(-1, 1)
+    c = torch.clamp(xr / sv, -q_n, q_p)
+    codes = torch.round(c)
+    assert same_bits(y, ((codes + (codes - c) * xil) * sv).reshape(shape))
+    assert same_bits(gx, lsq_grad_x(xr, steps, q_n, q_p, wr).reshape(shape))
+    terms = lsq_step_terms(xr, steps, q_n, q_p, wr, 1.0, xil, "error")
+    assert_fp32_sum(grads["step"], terms, rows=rows, scale=q.grad_scale_value(x))
+
+
 # -- step contract with tempering noise ------------------------------------------------------
 
 def drawn_noise(backend, code, seed, x, s, lam):
@@ -318,6 +382,78 @@ def test_nipq_hard_matches_closed_form(backend, bits, signed):
     assert same_bits(gx1, torch.where(inside, w, 0.0)) and same_bits(gx1, gx0)
     terms, slack = nipq_hard_alpha_terms(x, alpha, n, signed, w)
     assert_fp32_sum(g1["theta_a"], terms, scale=SIG, slack=slack)
+
+
+# -- NIPQ with one alpha per channel or per group --------------------------------------------
+
+def _nipq_rows(shape, granularity, group_size=32, signed=True, **kw):
+    """A 3-bit weight quantizer with distinct alphas per row, ``(q, x, w, theta, alpha,
+    rows)``: ``x`` holds row 0's exact bounds."""
+    torch.manual_seed(len(shape) + group_size)
+    q = NIPQQuantizer(3, signed, role="weight", granularity=granularity, group_size=group_size,
+                      shape=shape, **kw)
+    theta = 0.6 + torch.rand(q.theta_a.numel())
+    q.theta_a.data.copy_(theta)
+    q._mark_initialized()
+    q.train()
+    alpha = F.softplus(theta)
+    x = torch.randn(shape) * 1.3
+    x.view(-1)[:2] = torch.tensor([alpha[0].item(), -alpha[0].item()])
+    return q, x, torch.randn(shape), theta, alpha, theta.numel()
+
+
+ROW_CASES = [((6, 96), "group", 32), ((2, 4096), "group", 2048), ((5, 3, 2, 2), "channel", 1)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("noise", ["uniform", "histogram"])
+@pytest.mark.parametrize("shape,granularity,group_size,signed",
+                         [(*c, True) for c in ROW_CASES] + [(*ROW_CASES[0], False)])
+def test_nipq_rows_noise_phase_matches_closed_form(backend, noise, shape, granularity,
+                                                   group_size, signed):
+    """Per row (channel or group) of its own ``alpha``: output bit for bit given ``z``, grad_x
+    inside that row's bounds, and that row's ``theta_a`` gradient within the fp32 bound; the
+    histogram pools every row's rounding errors in units of the row's delta."""
+    q, x, w, theta, alpha, rows = _nipq_rows(shape, granularity, group_size, signed, noise=noise)
+    n = 3 if signed else 7
+    delta = alpha / n
+    y, gx, grads = run(q, x, w, "on", backend, seed=9)
+    seed = drawn_seed(x, 9)
+    with ops.options(backend=backend):
+        lut = ops.nipq_lut(x, alpha, delta, signed) if noise == "histogram" else None
+    if lut is not None:
+        bins = formulas.nipq_error_bins(x, alpha, delta, signed)
+        assert torch.equal(lut, formulas.nipq_lut(bins))
+    z = drawn_z(backend, seed, lut, x, alpha, delta, signed).reshape(rows, -1)
+    xr, wr, yr, gxr = (t.reshape(rows, -1) for t in (x, w, y, gx))
+    for r in range(rows):
+        a = alpha[r].item()
+        assert same_bits(yr[r], nipq_noise_forward(xr[r], a, delta[r], z[r], signed))
+        _, _, inside = nipq_noise_masks(xr[r], a, signed)
+        assert same_bits(gxr[r], torch.where(inside, wr[r], 0.0))
+        terms = (nipq_alpha_terms(xr[r], a, signed, wr[r])
+                 + wr[r].double() * z[r].double() / n * inside)
+        sig = torch.sigmoid(theta[r]).item()
+        assert_fp32_sum(grads["theta_a"][r], terms, scale=sig)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,granularity,group_size", ROW_CASES)
+def test_nipq_rows_hard_matches_closed_form(backend, shape, granularity, group_size):
+    q, x, w, theta, alpha, rows = _nipq_rows(shape, granularity, group_size, noise="uniform")
+    q.set_hard(True)
+    y0, gx0, _ = run(q, x, w, "off", "torch")
+    y1, gx1, g1 = run(q, x, w, "on", backend)
+    assert same_bits(y1, y0) and same_bits(gx1, gx0)
+    xr, wr, yr, gxr = (t.reshape(rows, -1) for t in (x, w, y1, gx1))
+    for r in range(rows):
+        a = alpha[r].item()
+        assert same_bits(yr[r], nipq_hard_forward(xr[r], a, 3, True))
+        c = torch.clamp(xr[r] / torch.tensor(a), -1.0, 1.0)
+        assert same_bits(gxr[r], torch.where((c > -1.0) & (c < 1.0), wr[r], 0.0))
+        terms, slack = nipq_hard_alpha_terms(xr[r], a, 3, True, wr[r])
+        assert_fp32_sum(g1["theta_a"][r], terms, scale=torch.sigmoid(theta[r]).item(),
+                        slack=slack)
 
 
 # -- launches per training step (through the interpreter) ----------------------------------

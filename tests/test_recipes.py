@@ -33,7 +33,7 @@ from qtrainer.recipes.schema import UNHASHED_AT
 from qtrainer.recipes.yaml_codec import parse_yaml
 
 BUILTINS = [
-    "lsq-2bit", "lsq-3bit", "lsq-4bit", "lsq-8bit", "lsq-w8a8",
+    "lsq-2bit", "lsq-3bit", "lsq-4bit", "lsq-8bit", "lsq-w4-g128", "lsq-w8a8",
     "nipq-2bit", "nipq-3bit", "nipq-4bit", "nipq-mp-3bit", "nipq-mp-4bit",
     "tempering-2bit", "tempering-3bit", "tempering-4bit",
 ]
@@ -91,6 +91,9 @@ def test_every_builtin_loads_with_its_name_and_a_description(name):
     if name == "lsq-w8a8":
         assert (recipe.bits.weight, recipe.bits.activation) == (8, 8)
         assert recipe.method.per_channel and recipe.first_last.bits == "same"
+    elif name == "lsq-w4-g128":
+        assert (recipe.bits.weight, recipe.bits.activation) == (4, None)
+        assert (recipe.method.granularity, recipe.method.group_size) == ("group", 128)
     elif "-mp-" not in name:
         bits = int(name[-4])
         assert (recipe.bits.weight, recipe.bits.activation) == (bits, bits)
@@ -116,6 +119,8 @@ def test_lsq_paper_training_settings(name):
     assert r.first_last.bits == 8
     assert (r.phases.epochs, r.phases.hard_epochs, r.phases.bn_reestimation_batches) == (90, 0, 0)
     assert (r.method.grad_scale, r.method.per_channel, r.method.init) == ("numel", False, "lsq")
+    assert (r.method.granularity, r.method.group_size, r.method.grad_scale_count) == (
+        "tensor", 128, "per_step")
     assert r.mixed_precision.target == "none" and r.distillation.enabled is False
 
 
@@ -167,6 +172,8 @@ def test_documented_defaults():
     r = load_recipe(minimal())
     assert (r.version, r.description, r.include, r.exclude, r.overrides) == (1, "", ("*",), (), {})
     assert (r.method.grad_scale, r.method.per_channel, r.method.init) == ("numel", False, "lsq")
+    assert (r.method.granularity, r.method.group_size, r.method.grad_scale_count) == (
+        "tensor", 128, "per_step")
     assert r.first_last.bits == 8
     o = r.optimizer
     assert (o.policy, o.name, o.momentum, o.nesterov, o.betas, o.eps) == ("auto", "sgd", 0.9, False,
@@ -255,10 +262,12 @@ def test_content_hash_is_sha256_of_canonical_json_without_name_and_description()
 def test_keys_added_later_leave_the_builtin_hashes_unchanged(name, digest):
     recipe = get_recipe(name)
     assert recipe.content_hash() == digest
-    for section, key, value in UNHASHED_AT:  # a key set away from its old behaviour counts
-        if key in recipe.to_dict()[section] and value is not None:
-            changed = load_recipe(recipe, {f"{section}.{key}": value / 2})
-            assert changed.content_hash() != digest
+    changes = {"init_percentile": 99.0, "granularity": "channel", "group_size": 64,
+               "grad_scale_count": "tensor"}  # set away from the behaviour before the key
+    for section, key, _ in UNHASHED_AT:
+        if section == "method" and key in recipe.to_dict()["method"]:
+            changed = load_recipe(recipe, {f"method.{key}": changes[key]})
+            assert changed.content_hash() != digest, key
 
 
 def test_content_hash_changes_with_training_values_only():
@@ -435,7 +444,8 @@ def nipq(**method) -> dict:
 @pytest.mark.parametrize("make, key_path, fragments", [
     (lambda: _set(lsq4(), "method.grad_scal", "none"), "method.grad_scal",
      ["unknown key 'method.grad_scal'; did you mean 'grad_scale'? "
-      "(allowed keys in 'method': name, grad_scale, per_channel, init, init_percentile)"]),
+      "(allowed keys in 'method': name, grad_scale, per_channel, granularity, group_size, "
+      "grad_scale_count, init, init_percentile)"]),
     (lambda: _set(lsq4(), "method.grad_scale", "numl"), "method.grad_scale",
      ["invalid value 'numl'", "allowed: one of 'numel', 'per_sample', 'none'", "did you mean 'numel'?"]),
     (lambda: _set(lsq4(), "method.name", "nipqq"), "method.name",
@@ -510,6 +520,13 @@ def nipq(**method) -> dict:
     (lambda: _set(nipq(b_max=8), "bits.weight", 9), "bits.weight", ["between method.b_min (2) and method.b_max (8)"]),
     (lambda: nipq(b_min=6, b_max=6), "method.b_max", ["must be greater than method.b_min (6)"]),
     (lambda: {"extends": "lsq-4bit", "name": "child", "x": 1}, "x", ["unknown key 'x'"]),
+    (lambda: _set(lsq4(), "method.granularity", "grup"), "method.granularity",
+     ["'grup'", "tensor", "channel", "group", "did you mean 'group'"]),
+    (lambda: _set(lsq4(), "method.group_size", 0), "method.group_size", ["[1, 1048576]"]),
+    (lambda: _set(lsq4(), "method.grad_scale_count", "per_group"), "method.grad_scale_count",
+     ["per_step", "tensor"]),
+    (lambda: _set(_set(lsq4(), "method.granularity", "group"), "method.per_channel", True),
+     "method.per_channel", ["contradicts method.granularity: group"]),
 ])
 def test_validation_errors_name_key_value_allowed_and_close_match(make, key_path, fragments):
     err = error_of(make())
@@ -594,17 +611,21 @@ def test_surgery_kwargs_contents():
     assert get_recipe("lsq-4bit").surgery_kwargs() == {
         "method": "lsq", "weight_bits": 4, "act_bits": 4,
         "method_kwargs": {"grad_scale": "numel", "per_channel": False, "init": "lsq",
-                          "init_percentile": 99.9},
+                          "granularity": "tensor", "group_size": 128,
+                          "grad_scale_count": "per_step", "init_percentile": 99.9},
         "first_last_bits": 8, "include": ["*"], "exclude": [], "overrides": {},
         "first_layer": None, "last_layer": None, "attention_matmul_bits": None,
     }
     t = get_recipe("tempering-2bit").surgery_kwargs()
     assert t["method_kwargs"] == {"grad_scale": "numel", "per_channel": False, "init": "lsq",
-                                  "init_percentile": 99.9, "noise": "error", "noise_dist": "uniform"}  # lambda_0, k: schedule
+                                  "granularity": "tensor", "group_size": 128,
+                                  "grad_scale_count": "per_step", "init_percentile": 99.9,
+                                  "noise": "error", "noise_dist": "uniform"}  # lambda_0, k: schedule
     assert (t["method"], t["weight_bits"], t["act_bits"]) == ("tempering", 2, 2)
     n = get_recipe("nipq-mp-3bit").surgery_kwargs()
     assert n["method_kwargs"] == {"noise": "histogram", "learn_bits": True, "b_min": 2, "b_max": 14,
-                                  "weight_init": "max_abs"}
+                                  "weight_init": "max_abs", "granularity": "tensor",
+                                  "group_size": 128}
     assert (n["first_last_bits"], n["weight_bits"]) == ("same", 8)
     assert get_recipe("lsq-8bit").surgery_kwargs()["first_last_bits"] == 8
     assert load_recipe("lsq-4bit", {"first_last.bits": "fp"}).surgery_kwargs()["first_last_bits"] == "fp"
@@ -616,9 +637,11 @@ def test_surgery_accepts_every_builtins_kwargs(name):
     surgery = pytest.importorskip("qtrainer.surgery")
     kwargs = get_recipe(name).surgery_kwargs()
     assert set(kwargs) <= set(inspect.signature(surgery.quantize_model).parameters)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
-                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 10))
-    report = surgery.quantize_model(model, **kwargs, example_input=torch.randn(2, 3, 8, 8))
+    # every layer's inputs per output row (128, 256, 512) a multiple of lsq-w4-g128's groups
+    model = torch.nn.Sequential(torch.nn.Conv2d(32, 16, 2), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 32, 4), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(32 * 4 * 4, 10))
+    report = surgery.quantize_model(model, **kwargs, example_input=torch.randn(2, 32, 8, 8))
     assert len(report) == 3
 
 

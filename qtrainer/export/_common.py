@@ -15,6 +15,7 @@ from torch import nn
 
 from ..nn import QuantizedLayer, named_quantizers
 from ..quantizers import METHODS, NIPQQuantizer, Quantizer, make_quantizer, nipq_levels
+from ..quantizers.formulas import dequantize
 from ..quantizers.lsq import LSQQuantizer
 
 METHOD_OF = {cls: name for name, cls in METHODS.items()}
@@ -75,29 +76,28 @@ def quantizer_spec(q: Quantizer, role: str) -> dict:
             "code_range": [int(lo), int(hi)], "enabled": bool(q.enabled), "kwargs": kwargs}
 
 
-def build_quantizer(spec: dict, channels: int | None) -> Quantizer:
-    """Rebuild an (uninitialized) quantizer from :func:`quantizer_spec`'s description; its
-    tensors (step, theta_a/theta_b, fixed bits) come from the state dict afterwards."""
+def build_quantizer(spec: dict, channels: int | None,
+                    shape: tuple[int, ...] | None = None) -> Quantizer:
+    """Rebuild an (uninitialized) quantizer from :func:`quantizer_spec`'s description (a
+    weight's: ``channels`` and ``shape`` of the weight); its tensors (step, theta_a/theta_b,
+    fixed bits) come from the state dict afterwards."""
     kwargs = dict(spec["kwargs"])
     bits = int(spec["bits"])
     if spec["method"] == "nipq" and kwargs.get("learn_bits"):
         # learned bit-widths are restored from theta_b; the constructor only needs a valid start
         bits = min(max(bits, kwargs.get("b_min", 2) + 1), kwargs.get("b_max", 14) - 1)
-    q = make_quantizer(spec["method"], bits, bool(spec["signed"]), spec["role"], channels, **kwargs)
+    q = make_quantizer(spec["method"], bits, bool(spec["signed"]), spec["role"], channels, shape,
+                       **kwargs)
     q.enabled = bool(spec.get("enabled", True))
     q.set_hard(True)
     return q
 
 
 def int_weight(layer: QuantizedLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes fp32 holding integers, shaped like the weight; scale fp32, shape [1] or [C])."""
+    """(codes fp32 holding integers, shaped like the weight; scale fp32, shape [1], [C] per
+    channel or [R] per group: the weight is ``formulas.dequantize(codes, scale)``)."""
     codes, scale = layer.weight_quantizer.int_codes(layer.weight.detach())
     return codes, scale.detach().reshape(-1).clone()
-
-
-def scale_view(scale: torch.Tensor, dim: int) -> torch.Tensor:
-    """A flat per-tensor ([1]) or per-channel ([C]) scale shaped to broadcast over dim 0."""
-    return scale if scale.numel() == 1 else scale.view(-1, *([1] * (dim - 1)))
 
 
 class EvalQuant(nn.Module):
@@ -147,7 +147,7 @@ def bake_fake_quant(model: nn.Module) -> nn.Module:
             if active(layer.weight_quantizer):
                 for w in layer.weight_parameters():  # separate q/k/v weights: each
                     codes, scale = layer.weight_quantizer.int_codes(w.detach())
-                    w.copy_((codes * scale_view(scale.reshape(-1), w.dim())).to(w.dtype))
+                    w.copy_(dequantize(codes, scale.detach().reshape(-1)).to(w.dtype))
             layer.weight_quantizer = None
             layer.input_quantizer = EvalQuant(layer.input_quantizer) if active(layer.input_quantizer) else None
             if getattr(layer, "matmul_quantizers", None) is not None:

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..nn import QuantizedLayer
 from ..quantizers import LSQQuantizer, check_choice
+from ..quantizers.formulas import dequantize
 from ._common import active, int_weight
 
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -79,7 +80,10 @@ def _on_accumulator_grid(bias: torch.Tensor, layer: QuantizedLayer) -> torch.Ten
     s_in = layer.input_quantizer.step_size.detach().float().reshape(-1)
     if s_in.numel() != 1:
         return bias
-    grid = (s_in * layer.weight_quantizer.step_size.detach().float().reshape(-1)).expand(bias.shape[0])
+    s_w = layer.weight_quantizer.step_size.detach().float().reshape(-1)
+    if s_w.numel() not in (1, bias.shape[0]):  # per group: no one accumulator grid per channel
+        return bias
+    grid = (s_in * s_w).expand(bias.shape[0])
     k = torch.round(bias / grid.double())
     if not torch.isfinite(k).all() or k.abs().max() >= 2**24:  # not exact in fp32: keep as is
         return bias
@@ -116,14 +120,20 @@ def fold_batchnorm(model: nn.Module, bias: str = "float") -> list[tuple[str, str
             old = layer.weight_quantizer
             codes, scale = int_weight(layer)
             channels = w.shape[0]
-            step = (scale.double().expand(channels) * factor).float()
-            q = LSQQuantizer(bits=old.bits, signed=old.signed, per_channel=True, channels=channels)
+            if scale.numel() in (1, channels):
+                step = (scale.double().expand(channels) * factor).float()
+                kind = {"per_channel": True, "channels": channels}
+            else:  # one step per group: each group's step times its channel's factor
+                step = (scale.double().view(channels, -1) * factor.view(-1, 1)).reshape(-1).float()
+                kind = {"granularity": "group", "group_size": old.group_size,
+                        "shape": tuple(w.shape)}
+            q = LSQQuantizer(bits=old.bits, signed=old.signed, **kind)
             q.step.data.copy_(step)
             q._mark_initialized()
             q.set_hard(True)
             q.to(w.device)
             layer.weight_quantizer = q
-            w.copy_((codes * step.view(shape)).to(w.dtype))
+            w.copy_(dequantize(codes, step).to(w.dtype))
         else:
             w.copy_((w.double() * factor.view(shape)).to(w.dtype))
         if (bias == "int" and isinstance(layer, QuantizedLayer) and active(layer.weight_quantizer)

@@ -10,8 +10,11 @@ Tensors (keys follow the model's state dict):
   (row-major order of the weight; a final partial byte is zero-padded). 5..8-bit codes are
   ``int8`` (``uint8`` for unsigned ranges), 9..16-bit ``int16`` (``uint16``), shaped like the
   weight, two's complement, zero point 0.
-- ``<layer>.weight.scale``: fp32 step size, shape ``[1]`` (per tensor) or ``[C]`` (per output
-  channel); the weight is exactly ``codes * scale``. For NIPQ ``scale = alpha / n``.
+- ``<layer>.weight.scale``: fp32 step size, shape ``[1]`` (per tensor), ``[C]`` (per output
+  channel) or ``[R]`` (per group, ``R = C * in / group_size``: the weight's elements in
+  row-major order cut into ``R`` groups of ``group_size``, the layer's ``weight.kwargs``
+  ``granularity``/``group_size``); the weight is exactly ``codes * scale`` (per group: each
+  group's codes times its scale). For NIPQ ``scale = alpha / n``.
 - ``<layer>.input.scale``: fp32 step size of the layer's input quantizer (the input codes are
   ``round(clamp(x / scale, lo, hi))`` for LSQ/tempering; NIPQ computes
   ``round(n * clamp(x / alpha, lo/alpha, 1))``, equal up to float rounding).
@@ -42,7 +45,8 @@ from ..nn import QUANTIZED_TYPES, QuantizedLayer, quantizable_weight
 from ..nn_attention import MATMUL_SITES
 from ..surgery import LayerReport, set_quantizers
 from ..atomic import write_bytes_atomic
-from ._common import active, build_quantizer, int_weight, quantized_layers, quantizer_spec, scale_view
+from ..quantizers.formulas import dequantize
+from ._common import active, build_quantizer, int_weight, quantized_layers, quantizer_spec
 
 FORMAT_NAME = "qtrainer-int"
 FORMAT_VERSION = 1
@@ -160,7 +164,8 @@ def build_int(model: nn.Module, metadata: dict | None = None,
                 codes, scale = int_weight(layer)
                 lo, hi = spec["code_range"]
                 stored, kind = encode_codes(codes, spec["bits"], lo, hi)
-                spec.update(storage=kind, per_channel=scale.numel() > 1)
+                spec.update(storage=kind, per_channel=scale.numel() > 1,
+                            scale_count=scale.numel())
                 tensors[name + CODES] = stored
                 tensors[name + SCALE] = scale.float().cpu().contiguous()
                 key = f"layers_{spec['bits']}bit"
@@ -329,13 +334,13 @@ def load_int(path, model: nn.Module) -> nn.Module:
         for entry, module in plan:
             name, shape = entry["name"], entry["weight_shape"]
             wspec, ispec = entry["weight"], entry["input"]
-            wq = build_quantizer(wspec, shape[0]) if wspec else None
+            wq = build_quantizer(wspec, shape[0], tuple(shape)) if wspec else None
             iq = build_quantizer(ispec, None) if ispec else None
             if wspec and wspec["enabled"]:
                 codes = decode_codes(tensors[name + CODES], wspec, shape)
                 scale = tensors[name + SCALE].float()
                 weight_name = QUANTIZED_TYPES[type(module)].WEIGHT_NAME
-                state[f"{name}.{weight_name}"] = (codes * scale_view(scale, len(shape))).to(
+                state[f"{name}.{weight_name}"] = dequantize(codes, scale).to(
                     getattr(torch, entry["weight_dtype"]))
             report = LayerReport(**entry["report"]) if entry["report"] else None
             built.append((entry, module, wq, iq, report))

@@ -9,6 +9,10 @@ graph is what torch exports.
   ``uint8`` unsigned, ``int32`` above 8 bits) feeding ``DequantizeLinear`` with the fp32 step
   (per tensor, or per output channel with ``axis=0``), zero point 0. ``codes * scale`` is the
   exact quantized weight. Sub-8-bit codes are stored one per byte (opset 13..20 has no int4).
+  Group-wise steps (:func:`_group_rows`): opset 21's blocked ``DequantizeLinear``
+  (``block_size``) is beyond this exporter, so the codes are stored as ``[groups,
+  group_size]`` and dequantized per axis 0 (one scale per group, exact), then ``Reshape``-d to
+  the weight's shape.
 - Inputs (activations) up to 8 bits: ``Clip(x, lo*s, hi*s) -> QuantizeLinear(s, zp=0) ->
   DequantizeLinear(s, zp=0)`` with ``int8`` (signed) or ``uint8`` (unsigned). The clip in the
   float domain restricts sub-8-bit ranges (e.g. 4-bit signed ``[-8, 7]``) to the code range;
@@ -102,17 +106,30 @@ class QDQFunction(torch.autograd.Function):
         return g.op("DequantizeLinear", q, scale, zp)
 
 
+def _group_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The weight codes as the rows the scales run along: unchanged for one scale or one per
+    output channel, ``[groups, group_size]`` for group-wise scales (the per-channel form of a
+    blocked dequantization, for opsets without ``block_size``)."""
+    if scale.numel() in (1, codes.shape[0]):
+        return codes
+    return codes.reshape(scale.numel(), -1)
+
+
 class WeightDQ(nn.Module):
-    """Replaces a weight quantizer: ignores the FP weight, returns ``codes * scale``."""
+    """Replaces a weight quantizer: ignores the FP weight, returns ``codes * scale`` (group-wise
+    scales: per-axis DQ of the ``[groups, group_size]`` codes, reshaped to the weight)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, lo: int, hi: int):
         super().__init__()
-        self.register_buffer("codes", codes.to(torch.int64).to(_int_type(lo, hi)))
+        self.shape = tuple(codes.shape)
+        rows = _group_rows(codes, scale)
+        self.register_buffer("codes", rows.to(torch.int64).to(_int_type(lo, hi)))
         self.per_channel = scale.numel() > 1
         self.register_buffer("scale", scale.float().reshape(-1) if self.per_channel else scale.float().reshape(()))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return DequantizeFunction.apply(self.codes, self.scale, self.per_channel).to(w.dtype)
+        w_q = DequantizeFunction.apply(self.codes, self.scale, self.per_channel)
+        return (w_q if w_q.shape == self.shape else w_q.reshape(self.shape)).to(w.dtype)
 
 
 class ActQDQ(nn.Module):
@@ -142,7 +159,10 @@ def _bias_on_grid(layer) -> tuple[torch.Tensor, torch.Tensor] | None:
     if s_in.numel() != 1:
         return None
     bias = layer.bias.detach().float()
-    grid = (s_in * wq.step_size.detach().float().reshape(-1)).expand(bias.shape[0]).contiguous()
+    s_w = wq.step_size.detach().float().reshape(-1)
+    if s_w.numel() not in (1, bias.shape[0]):  # group-wise steps: no per-channel grid
+        return None
+    grid = (s_in * s_w).expand(bias.shape[0]).contiguous()
     k = torch.round(bias.double() / grid.double())
     if not torch.isfinite(k).all() or k.abs().max() >= 2**24 or not torch.equal(k.float() * grid, bias):
         return None

@@ -15,11 +15,12 @@ from .tempering import TemperingQuantizer
 
 
 def make_quantizer(method: str, bits: int, signed: bool, role: str, channels: int | None = None,
-                   **params) -> Quantizer:
+                   shape: tuple[int, ...] | None = None, **params) -> Quantizer:
     """Build the quantizer of the registered ``method`` for a weight tensor (``role="weight"``,
-    ``channels`` = output channels) or an activation site (``role="input"``). ``params`` are the
-    method's constructor arguments (its ``Param`` declarations with ``target="quantizer"``)."""
-    return get_method(method).build(bits, signed, role, channels, **params)
+    ``channels`` = output channels, ``shape`` = the weight's shape, needed by group
+    granularity) or an activation site (``role="input"``). ``params`` are the method's
+    constructor arguments (its ``Param`` declarations with ``target="quantizer"``)."""
+    return get_method(method).build(bits, signed, role, channels, shape, **params)
 
 
 __all__ = [

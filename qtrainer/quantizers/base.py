@@ -5,10 +5,12 @@ A quantizer is an ``nn.Module`` mapping a float tensor to its fake-quantized val
 same dtype). Every quantizer exposes:
 
 - ``bits``: the current integer bit-width (int), ``signed``: whether codes can be negative;
-- ``step_size``: the scale between integer codes (a tensor, shape ``[1]`` or per channel);
+- ``step_size``: the scale between integer codes (a tensor, shape ``[1]``, per channel or per
+  group: :mod:`qtrainer.quantizers.granularity`);
 - ``initialize(x)``: data-driven initialization of its parameters from a tensor;
-- ``int_codes(x) -> (codes, scale)``: integer codes (float tensor holding integers) and the
-  scale such that ``codes * scale`` equals the eval output exactly;
+- ``int_codes(x) -> (codes, scale)``: integer codes (float tensor holding integers, shaped
+  like ``x``) and the scale such that ``formulas.dequantize(codes, scale)`` (``codes * scale``
+  for one step or one per channel) equals the eval output exactly;
 - ``hard``: when True the quantizer always applies hard quantization (no training noise);
   ``set_hard(flag)`` switches it. ``enabled = False`` turns the quantizer into the identity.
 
@@ -170,13 +172,14 @@ class Quantizer(nn.Module):
 
     @classmethod
     def build(cls, bits: int, signed: bool, role: str, channels: int | None = None,
-              **params) -> Quantizer:
+              shape: tuple[int, ...] | None = None, **params) -> Quantizer:
         """The quantizer of this method for a weight tensor (``role="weight"``, ``channels``
-        its output channels) or an activation site (``role="input"``); ``params`` are
-        constructor arguments. The default passes ``role`` and ``channels`` on only where the
-        constructor takes them."""
+        its output channels, ``shape`` its shape) or an activation site (``role="input"``);
+        ``params`` are constructor arguments. The default passes ``role``, ``channels`` and
+        ``shape`` on only where the constructor takes them."""
         accepted = inspect.signature(cls).parameters
-        site = {k: v for k, v in (("role", role), ("channels", channels)) if k in accepted}
+        site = {k: v for k, v in (("role", role), ("channels", channels), ("shape", shape))
+                if k in accepted}
         return cls(bits=bits, signed=signed, **site, **params)
 
     # -- interface every method implements -------------------------------------------------

@@ -6,8 +6,9 @@ of the quantizer modules, the CPU default and the torch fallback of the fused op
 implement the same contracts and are compared with these functions by the tests.
 
 Conventions: ``x`` any float dtype (the math runs in fp32, outputs come back in ``x``'s dtype,
-gradients of parameters in fp32); parameters are 1-D fp32 tensors (``s``: one step size or one
-per channel along dim 0 of ``x``; ``alpha``, ``delta``: one value); ``lam`` an fp32 tensor
+gradients of parameters in fp32); parameters are 1-D fp32 tensors (``s``: one step size, one
+per channel along dim 0 of ``x``, or one per group: see :func:`step_rows`; ``alpha``,
+``delta``: one value); ``lam`` an fp32 tensor
 ``[1]``; training noise is an fp32 tensor shaped like ``x``, drawn from an int64 seed tensor
 ``[1]`` by :func:`tempering_noise` / :func:`nipq_z` (so forward, recomputed forward and
 backward use the same noise without storing it). Gradient sums accumulate in fp32.
@@ -33,8 +34,24 @@ _HTB = torch.ops.aten.hardtanh_backward.default
 _HTB_OUT = torch.ops.aten.hardtanh_backward.grad_input
 
 
+def step_rows(s: Tensor, x: Tensor) -> Tensor:
+    """``x`` viewed so that the step sizes ``s`` run along its dim 0: ``x`` itself for one
+    step or one per channel (``s.numel() == x.shape[0]``), else (one step per group) ``x``
+    reshaped to ``[R, numel / R]``, ``R = s.numel()``: the elements of ``x`` in row-major order
+    cut into ``R`` equal contiguous groups (a weight ``[out, in, ...]`` with groups of
+    ``group_size`` along its flattened input dimension). A view for a contiguous ``x``."""
+    rows = s.numel()
+    if rows == 1 or (x.dim() > 0 and x.shape[0] == rows):
+        return x
+    if rows == 0 or x.numel() % rows:
+        raise ValueError(f"{rows} step sizes do not divide a tensor shaped {tuple(x.shape)} "
+                         f"({x.numel()} elements) into equal groups")
+    return x.reshape(rows, -1)
+
+
 def step_view(s: Tensor, x: Tensor) -> Tensor:
-    """The fp32 step size shaped to broadcast against ``x``: ``[1]`` or ``[C, 1, ...]``."""
+    """The fp32 step size shaped to broadcast against ``x`` (already passed through
+    :func:`step_rows`): ``[1]`` or ``[R, 1, ...]``."""
     s = s.float()
     if s.numel() == 1:
         return s.reshape(1)
@@ -131,7 +148,12 @@ def nipq_z(seed: Tensor, lut: Tensor | None, like: Tensor, delta: Tensor | None 
     uniform when ``lut`` is None, else a bin by inverse-CDF sampling through the lookup table
     (a random 16-bit ``j`` picks one of ``LUT_SIZE`` equal-probability cells) and uniform
     inside the bin (a second 16-bit ``k``): ``z = bin / 256 - 1/2 + k / 2^24``, exact. With
-    ``delta`` (``[1]``): ``z * delta`` (bit for bit the product)."""
+    ``delta`` (``[1]``): ``z * delta`` (bit for bit the product); several deltas: each row of
+    :func:`step_rows` times its delta (shaped like ``like``, contiguous)."""
+    if delta is not None and delta.numel() > 1:  # one delta per row of step_rows
+        z = nipq_z(seed, lut, like)
+        rows = step_rows(delta, z)
+        return (rows * step_view(delta, rows).to(rows.device)).view(like.shape)
     if lut is None:
         return uniform(seed, like, 1.0 if delta is None else delta.float().reshape(1))
     n = like.numel()
@@ -151,6 +173,13 @@ def step_codes(x: Tensor, sv: Tensor, q_n: int, q_p: int) -> Tensor:
     return torch.div(x, sv).clamp_(-q_n, q_p).round_()
 
 
+def dequantize(codes: Tensor, s: Tensor) -> Tensor:
+    """``codes * s`` with ``s`` one step, one per channel or one per group (:func:`step_rows`),
+    fp32 shaped like ``codes``: the eval output of the step contract from its codes."""
+    rows = step_rows(s, codes.float())
+    return (rows * step_view(s, rows)).view(codes.shape)
+
+
 def step_forward(x: Tensor, s: Tensor, q_n: int, q_p: int, noise: int, xil: Tensor | None,
                  keep_clip: bool = False):
     """``q = round(clip(x / s, -Q_N, Q_P)) * s``; with tempering noise ``xil = lambda * xi``
@@ -158,7 +187,12 @@ def step_forward(x: Tensor, s: Tensor, q_n: int, q_p: int, noise: int, xil: Tens
     ``(code + (code - c) xil) * s`` (error-aware: ``q + lambda xi e`` with ``e = q - c s``)
     or ``(code + xil) * s`` (``uniform_step``: ``q + lambda s u``), ``code = round(c)``,
     ``c = clip(x / s)``. Returns ``x``'s dtype (``xil`` is not modified); with ``keep_clip``
-    also ``c`` for :func:`step_backward`."""
+    also ``c`` for :func:`step_backward` (shaped like ``step_rows(s, x)``)."""
+    rows = step_rows(s, x)
+    if rows is not x:  # one step per group
+        out = step_forward(rows, s, q_n, q_p, noise, None if xil is None else
+                           xil.reshape(rows.shape), keep_clip)
+        return (out[0].view(x.shape), out[1]) if keep_clip else out.view(x.shape)
     sv = step_view(s, x)
     if not (noise or keep_clip):
         return step_codes(x, sv, q_n, q_p).mul_(sv).to(x.dtype)
@@ -184,8 +218,15 @@ def step_backward(grad: Tensor, x: Tensor, s: Tensor, q_n: int, q_p: int, g: flo
     ``lambda xi (round(x/s) - x/s)`` inside (error-aware) or ``lambda u`` (``uniform_step``),
     ``xil = lambda * xi`` as in :func:`step_forward`. Each sum is an fp32 dot product of
     exactly computed per-element terms. ``clip``: ``c`` from :func:`step_forward`
-    (``keep_clip``), else computed; ``xil`` and ``clip`` are consumed.
+    (``keep_clip``), else computed; ``xil`` and ``clip`` are consumed. One step per group:
+    the sums run over each group of :func:`step_rows`.
     """
+    rows = step_rows(s, x)
+    if rows is not x:
+        gx, gs = step_backward(grad.reshape(rows.shape), rows, s, q_n, q_p, g, noise,
+                               None if xil is None else xil.reshape(rows.shape), need_x,
+                               need_s, clip)
+        return (None if gx is None else gx.view(x.shape)), gs
     sv = step_view(s, x)
     c = torch.div(x, sv).clamp_(-q_n, q_p) if clip is None else clip
     gf = grad.float()
@@ -204,23 +245,47 @@ def step_backward(grad: Tensor, x: Tensor, s: Tensor, q_n: int, q_p: int, g: flo
 
 
 # -- NIPQ ------------------------------------------------------------------------------------
+# ``alpha`` (and ``delta``) hold one value, one per channel or one per group; ``x`` is read
+# through :func:`step_rows` (by the alpha's count) as for step sizes.
 
-def _bounds(alpha: Tensor, signed: bool) -> tuple[float, float]:
-    """``(lo, alpha)`` as Python floats (read on the host)."""
-    a = float(alpha.reshape(-1)[0])
+def _bounds(alpha: Tensor, signed: bool, rows: Tensor):
+    """``(lo, alpha)``: Python floats (read on the host) for one ``alpha``, else fp32 tensors
+    broadcasting against ``rows`` (``x`` through :func:`step_rows`; ``lo`` 0.0 unsigned)."""
+    if alpha.numel() == 1:
+        a = float(alpha.reshape(-1)[0])
+        return (-a if signed else 0.0), a
+    a = step_view(alpha, rows)
     return (-a if signed else 0.0), a
+
+
+def _inside(grad: Tensor, v: Tensor, lo, hi, signed: bool, out: Tensor | None = None) -> Tensor:
+    """:func:`inside_grad` for float or per-row tensor bounds (NaN passes, as there; signed
+    bounds ``-hi, hi`` test ``|v| >= hi``: one broadcast comparison instead of two)."""
+    if not isinstance(hi, Tensor):
+        return inside_grad(grad, v, lo, hi, out)
+    beyond = v.abs() >= hi if signed else (v <= lo) | (v >= hi)
+    return grad.masked_fill(beyond, 0.0) if out is None else out.copy_(grad).masked_fill_(beyond, 0.0)
+
+
+def _clip(v: Tensor, lo, hi) -> Tensor:
+    """``clamp(v, lo, hi)`` (NaN stays NaN); per-row tensor bounds through ``minimum`` and
+    ``maximum``, several times faster on CPU than ``clamp`` with broadcast tensors."""
+    if not isinstance(hi, Tensor):
+        return torch.clamp(v, lo, hi)
+    low = torch.minimum(v, hi)
+    return torch.maximum(low, lo) if isinstance(lo, Tensor) else low.clamp_(min=lo)
 
 
 def nipq_error_bins(x: Tensor, alpha: Tensor, delta: Tensor, signed: bool) -> Tensor:
     """Per element, 1 + the histogram bin (of ``HIST_BINS`` over ``[-1/2, 1/2]``) of the
     rounding error ``e = round(x/delta) - x/delta`` for ``lo < x < alpha``, 0 elsewhere
-    (int32). Bin of ``e``: ``min(trunc(fl(256 e + 129)), 256) - 1`` (``fl``: fp32
-    rounding)."""
-    lo, hi = _bounds(alpha, signed)
-    xf = x.float()
-    r = torch.div(xf, delta.float().reshape(1))
+    (int32; per row of :func:`step_rows` for several alphas, one histogram in all). Bin of
+    ``e``: ``min(trunc(fl(256 e + 129)), 256) - 1`` (``fl``: fp32 rounding)."""
+    xf = step_rows(alpha, x.float())
+    lo, hi = _bounds(alpha, signed, xf)
+    r = torch.div(xf, step_view(delta, xf))
     v = torch.round(r).sub_(r).mul_(HIST_BINS).add_(HIST_BINS // 2 + 1)  # in [1, 257]
-    v = inside_grad(v, xf, lo, hi, out=v)
+    v = _inside(v, xf, lo, hi, signed, out=v)
     return v.to(torch.int32).clamp_(0, HIST_BINS)  # NaN inputs land in the dropped 0
 
 
@@ -242,77 +307,90 @@ def nipq_noise_forward(x: Tensor, alpha: Tensor, zd: Tensor, signed: bool,
                        keep_clip: bool = False):
     """``alpha`` where ``x >= alpha``, ``lo`` where ``x <= lo``, else ``x + zd`` with ``zd =
     z * delta`` (fp32 shaped like ``x``, from :func:`nipq_z`; set to 0 outside, in place);
-    with ``keep_clip`` also ``clip(x, lo, alpha)`` for :func:`nipq_noise_backward`."""
-    lo, hi = _bounds(alpha, signed)
+    with ``keep_clip`` also ``clip(x, lo, alpha)`` (shaped like ``step_rows(alpha, x)``) for
+    :func:`nipq_noise_backward`."""
     xf = x.float()
-    noise = inside_grad(zd, xf, lo, hi, out=zd)  # 0 outside: the backward's sums agree
-    clipped = torch.clamp(xf, lo, hi)
+    rows = step_rows(alpha, xf)
+    lo, hi = _bounds(alpha, signed, rows)
+    zr = zd if rows is xf else zd.view(rows.shape)
+    noise = _inside(zr, rows, lo, hi, signed, out=zr)  # 0 outside: the backward's sums agree
+    clipped = _clip(rows, lo, hi)
     if keep_clip:
-        return torch.add(clipped, noise).to(x.dtype), clipped
-    return clipped.add_(noise).to(x.dtype)
+        return torch.add(clipped, noise).view(x.shape).to(x.dtype), clipped
+    return clipped.add_(noise).view(x.shape).to(x.dtype)
 
 
 def nipq_noise_backward(grad: Tensor, x: Tensor, alpha: Tensor, delta: Tensor,
                         zd: Tensor | None, signed: bool, need_x: bool, need_params: bool,
                         clip: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
     """``(grad_x, grad_params)``: ``grad_x = grad`` where ``lo < x < alpha``; ``grad_params``
-    fp32 ``[2]``: the direct ``alpha`` gradient (``+sum(grad)`` at and above ``alpha``,
-    ``-sum(grad)`` at and below ``-alpha`` when signed) and the ``delta`` gradient
-    ``sum(grad * z)`` inside, as ``sum(grad_x * zd) / delta`` (``zd`` as drawn, or as the
-    forward left it). ``clip``: ``clip(x, lo, alpha)`` from the forward, consumed."""
-    lo, hi = _bounds(alpha, signed)
+    fp32 ``[2R]`` (``R`` alphas): the direct ``alpha`` gradients (``+sum(grad)`` at and above
+    ``alpha``, ``-sum(grad)`` at and below ``-alpha`` when signed), then the ``delta``
+    gradients ``sum(grad * z)`` inside, as ``sum(grad_x * zd) / delta`` (``zd`` as drawn, or
+    as the forward left it), each summed over its row. ``clip``: ``clip(x, lo, alpha)`` from
+    the forward, consumed."""
     xf, gf = x.float(), grad.float()
-    gx = inside_grad(gf, xf, lo, hi)
+    rows, n = step_rows(alpha, xf), alpha.numel()
+    if rows is not xf:
+        gf = gf.reshape(rows.shape)
+        zd = None if zd is None else zd.reshape(rows.shape)
+    lo, hi = _bounds(alpha, signed, rows)
+    gx = _inside(gf, rows, lo, hi, signed)
     gp = None
     if need_params:
         # at and beyond the bounds clip(x) / alpha is exactly 1, -1 or 0 (unsigned)
-        side = (torch.clamp(xf, lo, hi) if clip is None else clip).div_(hi)
-        g_alpha = dot_rows(torch.sub(gf, gx), side, 1)
-        gp = torch.cat([g_alpha, dot_rows(gx, zd, 1) / delta.float().reshape(1)])
-    return (gx.to(x.dtype) if need_x else None), gp
+        side = (_clip(rows, lo, hi) if clip is None else clip).div_(hi)
+        g_alpha = dot_rows(torch.sub(gf, gx), side, n)
+        gp = torch.cat([g_alpha, dot_rows(gx, zd, n) / delta.float().reshape(-1)])
+    return (gx.view(x.shape).to(x.dtype) if need_x else None), gp
 
 
 def nipq_hard_codes(x: Tensor, alpha: Tensor, n: int, signed: bool) -> Tensor:
-    """The integer codes ``round(n * clip(x / alpha, lo, 1))`` (fp32), ``lo = -1`` signed,
-    else 0; the step is ``alpha / n``."""
-    c = torch.div(x, alpha.float().reshape(1)).clamp_(-1.0 if signed else 0.0, 1.0)
-    return c.mul_(n).round_()
+    """The integer codes ``round(n * clip(x / alpha, lo, 1))`` (fp32, shaped like ``x``),
+    ``lo = -1`` signed, else 0; the step is ``alpha / n``."""
+    rows = step_rows(alpha, x)
+    c = torch.div(rows, step_view(alpha, rows)).clamp_(-1.0 if signed else 0.0, 1.0)
+    return c.mul_(n).round_().view(x.shape)
 
 
 def nipq_hard_forward(x: Tensor, alpha: Tensor, n: int, signed: bool, keep_clip: bool = False):
     """``(alpha / n) * round(n * clip(x / alpha, lo, 1))``; with ``keep_clip`` also
-    ``clip(x / alpha, lo, 1)`` for :func:`nipq_hard_backward`."""
-    step = alpha.float().reshape(1) / n
-    if not keep_clip:
-        return nipq_hard_codes(x, alpha, n, signed).mul_(step).to(x.dtype)
-    c = torch.div(x, alpha.float().reshape(1)).clamp_(-1.0 if signed else 0.0, 1.0)
-    return torch.mul(c, n).round_().mul_(step).to(x.dtype), c
+    ``clip(x / alpha, lo, 1)`` (shaped like ``step_rows(alpha, x)``) for
+    :func:`nipq_hard_backward`."""
+    rows = step_rows(alpha, x)
+    av = step_view(alpha, rows)
+    c = torch.div(rows, av).clamp_(-1.0 if signed else 0.0, 1.0)
+    codes = torch.mul(c, n) if keep_clip else c.mul_(n)  # c itself unless kept
+    y = codes.round_().mul_(av / n).view(x.shape).to(x.dtype)
+    return (y, c) if keep_clip else y
 
 
 def nipq_hard_backward(grad: Tensor, x: Tensor, alpha: Tensor, n: int, signed: bool,
                        need_x: bool, need_alpha: bool,
                        clip: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
-    """``(grad_x, grad_alpha fp32 [1])``: ``grad_x = grad`` strictly inside ``(lo, 1)`` of
+    """``(grad_x, grad_alpha fp32 [R])``: ``grad_x = grad`` strictly inside ``(lo, 1)`` of
     ``x / alpha``, 0 at and beyond the bounds; ``d/d alpha = (Q(x) - x) / alpha`` inside,
     ``+1`` at and above ``alpha``, ``-1`` at and below ``-alpha`` (signed; 0 unsigned): per
-    element ``round(n c) / n - [inside] c`` for ``c = clip(x / alpha, lo, 1)``, summed as
-    ``sum(grad (round(n c) - n c)) / n + sum((grad - grad_x) c)`` (exact terms, fp32 dots).
-    ``clip``: ``c`` from the forward, consumed."""
+    element ``round(n c) / n - [inside] c`` for ``c = clip(x / alpha, lo, 1)``, summed per
+    row as ``sum(grad (round(n c) - n c)) / n + sum((grad - grad_x) c)`` (exact terms, fp32
+    dots). ``clip``: ``c`` from the forward, consumed."""
     lo = -1.0 if signed else 0.0
-    c = torch.div(x, alpha.float().reshape(1)).clamp_(lo, 1.0) if clip is None else clip
-    gf = grad.float()
+    rows = step_rows(alpha, x)
+    c = torch.div(rows, step_view(alpha, rows)).clamp_(lo, 1.0) if clip is None else clip
+    gf = grad.float().reshape(c.shape)
     gx = inside_grad(gf, c, lo, 1.0)
     ga = None
     if need_alpha:
         nc = c * n
         frac = torch.round(nc).sub_(nc)  # 0 at the bounds, where n c is an integer
-        ga = dot_rows(gf, frac, 1) / n + dot_rows(torch.sub(gf, gx, out=frac), c, 1)
-    return (gx.to(x.dtype) if need_x else None), ga
+        r = alpha.numel()
+        ga = dot_rows(gf, frac, r) / n + dot_rows(torch.sub(gf, gx, out=frac), c, r)
+    return (gx.view(x.shape).to(x.dtype) if need_x else None), ga
 
 
 __all__ = [
-    "HIST_BINS", "LUT_SIZE", "NOISE_CODES", "dot_rows", "gaussian", "inside_grad",
+    "HIST_BINS", "LUT_SIZE", "NOISE_CODES", "dequantize", "dot_rows", "gaussian", "inside_grad",
     "nipq_error_bins", "nipq_hard_backward", "nipq_hard_codes", "nipq_hard_forward", "nipq_lut",
     "nipq_noise_backward", "nipq_noise_forward", "nipq_z", "step_backward",
-    "step_codes", "step_forward", "step_view", "tempering_noise", "uniform",
+    "step_codes", "step_forward", "step_rows", "step_view", "tempering_noise", "uniform",
 ]

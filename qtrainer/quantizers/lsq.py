@@ -21,6 +21,7 @@ from torch import nn
 from . import formulas
 from . import ops as _ops
 from .base import Param, Quantizer, check_bits
+from .granularity import GRAD_SCALE_COUNTS, GRANULARITIES, grad_scale_elements, step_count
 
 GRAD_SCALES = ("numel", "per_sample", "none")
 INITS = ("lsq", "minmax", "mse", "percentile")
@@ -42,8 +43,16 @@ class LSQQuantizer(Quantizer):
         grad_scale: ``numel`` (``g = 1/sqrt(numel(v) * Q_P)``, batch dimension included, the
             paper's code), ``per_sample`` (``numel`` divided by the batch size; for activations)
             or ``none`` (``g = 1``).
-        per_channel: one step size per output channel (dim 0) instead of one per tensor.
-        channels: number of channels, required when ``per_channel``.
+        per_channel: one step size per output channel (dim 0): ``granularity="channel"``.
+        channels: number of channels, required for ``channel`` granularity without ``shape``.
+        granularity: ``tensor`` (one step), ``channel`` (one per output channel) or ``group``
+            (one per ``group_size`` consecutive input elements of each output row; see
+            :mod:`qtrainer.quantizers.granularity`); weights only.
+        group_size: elements per group for ``granularity="group"``.
+        grad_scale_count: ``N`` of ``g`` for channel and group steps: ``per_step`` (default)
+            the elements sharing one step (``numel / C`` per channel, ``group_size`` per group),
+            ``tensor`` the whole tensor's ``numel`` (lsq-net's code).
+        shape: the weight's shape, required for ``group`` granularity.
         init: ``lsq`` (``s0 = 2 mean|v| / sqrt(Q_P)``, the paper), ``minmax`` (``s0`` maps the
             largest magnitude seen onto the last code), ``mse`` (the ``s0`` of lowest
             quantization MSE ``mean((Q(v) - v)^2)`` over a grid of fractions of the minmax step
@@ -63,7 +72,16 @@ class LSQQuantizer(Quantizer):
               "activations, the paper's code), per_sample leaves the batch out, none is 1.",
               choices=GRAD_SCALES),
         Param("per_channel", "bool", False, "One step size per output channel of a weight "
-              "instead of one per tensor (activations always have one)."),
+              "(the same as granularity: channel; activations always have one)."),
+        Param("granularity", "str", "tensor", "Step sizes of a weight: tensor one, channel one "
+              "per output channel, group one per group_size consecutive input elements of each "
+              "output row (activations always have one).", choices=GRANULARITIES),
+        Param("group_size", "int", 128, "Elements per group along a weight's flattened input "
+              "dimension for granularity: group (must divide it).", low=1,
+              high=1 << 20),
+        Param("grad_scale_count", "str", "per_step", "N of the gradient scale 1/sqrt(N Q_P) "
+              "for channel and group steps: per_step the elements sharing one step, tensor "
+              "the whole weight's element count (lsq-net).", choices=GRAD_SCALE_COUNTS),
         Param("init", "str", "lsq", "Step size initialization: lsq 2 mean|v| / sqrt(Q_P) (the "
               "paper), minmax max|v| / Q_P, mse the least quantization MSE, percentile the "
               "init_percentile-th percentile of |v| over Q_P.", choices=INITS),
@@ -73,29 +91,40 @@ class LSQQuantizer(Quantizer):
 
     def __init__(self, bits: int = 4, signed: bool = True, grad_scale: str = "numel",
                  per_channel: bool = False, channels: int | None = None, init: str = "lsq",
-                 init_percentile: float = 99.9):
+                 init_percentile: float = 99.9, granularity: str = "tensor",
+                 group_size: int = 128, grad_scale_count: str = "per_step",
+                 shape: tuple[int, ...] | None = None):
         super().__init__(signed)
         self._bits = check_bits("bits", bits)
         self.grad_scale = self.param("grad_scale").check(grad_scale)
         self.init = self.param("init").check(init)
         self.init_percentile = self.param("init_percentile").check(init_percentile)
-        self.per_channel = self.param("per_channel").check(per_channel)
-        if self.per_channel and not (isinstance(channels, int) and channels > 0):
-            raise ValueError(f"channels={channels!r}: per_channel=True needs a positive channel count")
-        self.step = nn.Parameter(torch.ones(channels if self.per_channel else 1))
+        self.grad_scale_count = self.param("grad_scale_count").check(grad_scale_count)
+        granularity = self.param("granularity").check(granularity)
+        if self.param("per_channel").check(per_channel):
+            if granularity == "group":
+                raise ValueError("per_channel=True and granularity='group' contradict each "
+                                 "other; give granularity alone")
+            granularity = "channel"
+        self.granularity = granularity
+        self.group_size = self.param("group_size").check(group_size)
+        self.per_channel = granularity == "channel"
+        self.n_steps = step_count(granularity, group_size, shape, channels)
+        self.step = nn.Parameter(torch.ones(self.n_steps))
 
     @classmethod
     def build(cls, bits: int, signed: bool, role: str, channels: int | None = None,
-              **params) -> LSQQuantizer:
+              shape: tuple[int, ...] | None = None, **params) -> LSQQuantizer:
         """Per-sample gradient scaling applies to activations only (weights use ``numel``);
-        per-channel step sizes to weights only (one step per activation site)."""
+        per-channel and per-group step sizes to weights only (one step per activation site).
+        ``shape``: the weight's shape (group granularity)."""
         if role == "weight":
             if params.get("grad_scale") == "per_sample":
                 params["grad_scale"] = "numel"
-            if params.get("per_channel"):
-                params["channels"] = channels
+            params.update(channels=channels, shape=shape)
         else:
-            params.pop("per_channel", None)
+            for key in ("per_channel", "granularity", "group_size"):
+                params.pop(key, None)
         return cls(bits=bits, signed=signed, **params)
 
     @property
@@ -115,18 +144,13 @@ class LSQQuantizer(Quantizer):
     def step_size(self) -> torch.Tensor:
         return self.step
 
-    def _step_view(self, x: torch.Tensor) -> torch.Tensor:
-        """The step size shaped to broadcast against ``x`` (per channel: along dim 0)."""
-        s = self.step.float()
-        return s.view(-1, *([1] * (x.dim() - 1))) if self.per_channel else s
-
     def grad_scale_value(self, x: torch.Tensor) -> float:
         """``g`` for a tensor shaped like ``x``."""
         if self.grad_scale == "none":
             return 1.0
         n = x.numel()
-        if self.per_channel:
-            n //= x.shape[0]
+        if self.n_steps > 1:
+            n = grad_scale_elements(n, self.n_steps, self.grad_scale_count)
         elif self.grad_scale == "per_sample" and x.dim() > 1:
             n //= x.shape[0]
         return 1.0 / math.sqrt(max(n, 1) * self.levels[1])
@@ -164,7 +188,7 @@ class LSQQuantizer(Quantizer):
                     best = torch.where(better, err, best)
             return best_s
 
-        flat = x.reshape(x.shape[0], -1) if self.per_channel else x.reshape(1, -1)
+        flat = x.reshape(self.n_steps, -1)  # one row per step: tensor, channel, group
         # A tight, data-fitted step is unstable where one clipped element moves the step a lot:
         # its gradient on s is Q_P * g (g the gradient scale). Above 0.1 (small high-bit
         # tensors, e.g. ResNet-20's 8-bit first/last layer weights: ~0.45-0.55) the mse and
@@ -185,13 +209,35 @@ class LSQQuantizer(Quantizer):
         self.step.copy_(s0.clamp(min=1e-8).to(self.step))
         self._mark_initialized()
 
+    def _check_shape(self, x: torch.Tensor) -> None:
+        """``ValueError`` when ``x`` is not a tensor this quantizer's steps were made for."""
+        n = self.n_steps
+        if n == 1:
+            return
+        if self.granularity == "channel" and (x.dim() == 0 or x.shape[0] != n):
+            raise ValueError(f"per-channel step size of {n} values does not match dim 0 of a "
+                             f"tensor shaped {tuple(x.shape)}")
+        if self.granularity == "group" and x.numel() != n * self.group_size:
+            raise ValueError(f"{n} group-wise step sizes (group_size={self.group_size}) do not "
+                             f"match a tensor shaped {tuple(x.shape)}")
+
     def fused_plan(self, x: torch.Tensor) -> _ops.Plan:
         """The ``step`` contract without noise."""
+        self._check_shape(x)
         q_n, q_p = self.levels
         return _ops.Plan("step", (self.step.float(),), (None, None),
                          (q_n, q_p, float(self.grad_scale_value(x)), 0))
 
     @torch.no_grad()
     def int_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self._step_view(x)
-        return formulas.step_codes(x.float(), s, *self.levels), s
+        """``(codes shaped like x, scale)``: the scale broadcasts against the codes (``[1]`` or
+        ``[C, 1, ...]``); per group it is flat ``[R]`` and ``formulas.dequantize(codes, scale)``
+        gives the eval output."""
+        rows = formulas.step_rows(self.step, x.float())
+        s = formulas.step_view(self.step, rows)
+        codes = formulas.step_codes(rows, s, *self.levels).view(x.shape)
+        return codes, (s if rows.shape == x.shape else self.step.detach().float().reshape(-1))
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.granularity == "group" else ""
+        return f"{super().extra_repr()}, granularity={self.granularity}{group}"

@@ -1,7 +1,8 @@
 """NIPQ: Noise proxy-based Integrated Pseudo-Quantization (Shin et al., CVPR 2023).
 
-docs/algorithms.md section 2, from the official code. Per quantizer, two scalar parameters:
-``alpha = softplus(theta_a)`` (truncation boundary) and the continuous bit-width
+docs/algorithms.md section 2, from the official code. Per quantizer, two parameters:
+``alpha = softplus(theta_a)`` (truncation boundary: one, or for a weight one per channel or per
+group, :mod:`qtrainer.quantizers.granularity`) and the continuous bit-width
 ``b_c = b_min + (b_max - b_min) * sigmoid(theta_b)``. Levels: signed ``n = 2^(b-1) - 1``
 (codes ``-n..n``), unsigned ``n = 2^b - 1`` (codes ``0..n``); step ``delta = alpha / n``.
 
@@ -28,6 +29,7 @@ from torch import nn
 from . import formulas
 from . import ops as _ops
 from .base import Param, Quantizer, check_bits, check_choice, round_ste
+from .granularity import GRANULARITIES, step_count
 
 NOISES = ("histogram", "uniform")
 WEIGHT_INITS = ("max_abs", "official")
@@ -56,7 +58,10 @@ class NIPQQuantizer(Quantizer):
         role: ``weight`` (``alpha0`` from the tensor) or ``input`` (``theta_a = 6`` unsigned,
             ``3`` signed, the official constants).
         weight_init: ``max_abs`` (``alpha0 = max|W|`` exactly) or ``official``
-            (``theta_a = max(W)``, so ``alpha0 = softplus(max W)``).
+            (``theta_a = max(W)``, so ``alpha0 = softplus(max W)``), per channel or group.
+        granularity, group_size: one ``alpha`` per tensor, output channel or group of
+            ``group_size`` input elements (weights; inputs always have one).
+        channels, shape: the weight's output channels and shape (channel, group).
     """
 
     method_name = "nipq"
@@ -75,11 +80,20 @@ class NIPQQuantizer(Quantizer):
         Param("weight_init", "str", "max_abs", "Weight truncation boundary at start: max_abs "
               "alpha0 = max|W|, official alpha0 = softplus(max W) as the official code.",
               choices=WEIGHT_INITS),
+        Param("granularity", "str", "tensor", "Truncation boundaries of a weight: tensor one, "
+              "channel one per output channel, group one per group_size consecutive input "
+              "elements of each output row (activations always have one).",
+              choices=GRANULARITIES),
+        Param("group_size", "int", 128, "Elements per group along a weight's flattened input "
+              "dimension for granularity: group (must divide it).", low=1,
+              high=1 << 20),
     )
 
     def __init__(self, bits: int = 4, signed: bool = True, learn_bits: bool = False,
                  b_min: int = 2, b_max: int = 14, noise: str = "histogram", role: str = "input",
-                 weight_init: str = "max_abs"):
+                 weight_init: str = "max_abs", granularity: str = "tensor",
+                 group_size: int = 128, channels: int | None = None,
+                 shape: tuple[int, ...] | None = None):
         super().__init__(signed)
         self.param("b_min").check(b_min)
         self.param("b_max").check(b_max)
@@ -99,7 +113,11 @@ class NIPQQuantizer(Quantizer):
         self.generator: torch.Generator | None = None
         p = min(max((bits - b_min) / (b_max - b_min), 1e-6), 1 - 1e-6)
         self.theta_b = nn.Parameter(torch.tensor([math.log(p / (1 - p))]), requires_grad=learn_bits)
-        self.theta_a = nn.Parameter(torch.tensor([3.0 if signed else 6.0]))
+        granularity = self.param("granularity").check(granularity)
+        self.group_size = self.param("group_size").check(group_size)
+        self.granularity = granularity if self.role == "weight" else "tensor"
+        count = step_count(self.granularity, group_size, shape, channels)
+        self.theta_a = nn.Parameter(torch.full((count,), 3.0 if signed else 6.0))
         # 0 while bits are learned, else the frozen integer bit-width.
         self.register_buffer("fixed_bits", torch.tensor(0 if learn_bits else bits))
         self._fixed = 0 if learn_bits else bits
@@ -150,11 +168,11 @@ class NIPQQuantizer(Quantizer):
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
         if self.role == "weight":
-            x = x.detach().float()
+            rows = x.detach().float().reshape(self.theta_a.numel(), -1)  # one row per alpha
             if self.weight_init == "max_abs":
-                self.theta_a.copy_(inverse_softplus(x.abs().max().clamp(min=1e-6)).reshape(1))
+                self.theta_a.copy_(inverse_softplus(rows.abs().amax(1).clamp(min=1e-6)))
             else:
-                self.theta_a.fill_(float(x.max()))
+                self.theta_a.copy_(rows.amax(1))
         self._mark_initialized()
 
     # -- forward ---------------------------------------------------------------------------
@@ -183,9 +201,14 @@ class NIPQQuantizer(Quantizer):
 
     @torch.no_grad()
     def int_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes shaped like x, scale = alpha / n)``; the scale broadcasts against the
+        codes, except per group (flat ``[R]``, see ``formulas.dequantize``)."""
         n = int(nipq_levels(self.bits, self.signed))
         alpha = self.alpha
-        return formulas.nipq_hard_codes(x.float(), alpha, n, self.signed), alpha / n
+        rows = formulas.step_rows(alpha, x.float())
+        scale = alpha / n
+        scale = formulas.step_view(scale, rows) if rows.shape == x.shape else scale
+        return formulas.nipq_hard_codes(x.float(), alpha, n, self.signed), scale
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -193,4 +216,6 @@ class NIPQQuantizer(Quantizer):
         self.theta_b.requires_grad_(self._fixed == 0)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, learn_bits={self.learn_bits}, noise={self.noise}"
+        group = f", group_size={self.group_size}" if self.granularity == "group" else ""
+        return (f"{super().extra_repr()}, learn_bits={self.learn_bits}, noise={self.noise}, "
+                f"granularity={self.granularity}{group}")

@@ -55,8 +55,11 @@ class TemperingQuantizer(LSQQuantizer):
     def __init__(self, bits: int = 4, signed: bool = True, grad_scale: str = "numel",
                  per_channel: bool = False, channels: int | None = None, init: str = "lsq",
                  init_percentile: float = 99.9, noise: str = "error",
-                 noise_dist: str = "uniform", lambda_: float = 1.0):
-        super().__init__(bits, signed, grad_scale, per_channel, channels, init, init_percentile)
+                 noise_dist: str = "uniform", lambda_: float = 1.0, granularity: str = "tensor",
+                 group_size: int = 128, grad_scale_count: str = "per_step",
+                 shape: tuple[int, ...] | None = None):
+        super().__init__(bits, signed, grad_scale, per_channel, channels, init, init_percentile,
+                         granularity, group_size, grad_scale_count, shape)
         self.noise = self.param("noise").check(noise)
         self.noise_dist = self.param("noise_dist").check(noise_dist)
         self.generator: torch.Generator | None = None

@@ -111,6 +111,10 @@ class Recipe:
     def _check_consistency(self) -> None:
         """Rules that involve more than one field."""
         m = self.method
+        if getattr(m, "per_channel", False) and getattr(m, "granularity", None) == "group":
+            raise RecipeError("method.per_channel", "method.per_channel: true contradicts "
+                              "method.granularity: group; give method.granularity alone (tensor, "
+                              "channel or group)")
         if m.name == "nipq":
             if m.b_min >= m.b_max:
                 raise RecipeError("method.b_max", f"method.b_max: {m.b_max} must be greater than "
@@ -245,7 +249,9 @@ class Recipe:
 
 
 UNHASHED_AT = (("bits", "attention_matmul", None), ("first_last", "first", None),
-               ("first_last", "last", None), ("method", "init_percentile", 99.9))
+               ("first_last", "last", None), ("method", "init_percentile", 99.9),
+               ("method", "granularity", "tensor"), ("method", "group_size", 128),
+               ("method", "grad_scale_count", "per_step"))
 """Keys added after recipes were first hashed, as ``(section, key, value)``: left out of
 :meth:`Recipe.content_hash` while they hold ``value`` (the behaviour from before they existed),
 so checkpoints written before they existed still match their recipe."""

@@ -102,15 +102,27 @@ def match(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(ref, dtype=t.dtype).copy_(t)
 
 
+def block_for(inner: int) -> int:
+    """The block width for rows of ``inner`` elements: ``BLOCK``, or the power of two that
+    holds a shorter row (at least 16), so small groups do not leave most lanes masked."""
+    return min(BLOCK, max(16, triton.next_power_of_2(max(inner, 1))))
+
+
 def channel_layout(x: torch.Tensor, channels: int) -> tuple[torch.Tensor, int]:
-    """``(dense x, elements per channel)``; per channel needs dim 0 outermost in storage."""
+    """``(dense x, elements per row)`` for ``channels`` parameters: one (per tensor), one per
+    channel (dim 0 outermost in storage) or, when ``channels`` is not ``x.shape[0]``, one per
+    group of consecutive elements in row-major order (``x`` made contiguous), as
+    :func:`qtrainer.quantizers.formulas.step_rows`."""
     x = x if is_dense(x) else x.contiguous()
     if channels > 1:
-        if x.dim() == 0 or x.shape[0] != channels:
-            raise ValueError(f"per-channel step size of {channels} values does not match "
-                             f"dim 0 of a tensor shaped {tuple(x.shape)}")
-        if x.stride(0) != x.numel() // channels:
+        if x.dim() > 0 and x.shape[0] == channels:
+            if x.stride(0) != x.numel() // channels:
+                x = x.contiguous()
+        elif x.numel() % channels == 0:
             x = x.contiguous()
+        else:
+            raise ValueError(f"{channels} step sizes do not divide a tensor shaped "
+                             f"{tuple(x.shape)} ({x.numel()} elements) into equal groups")
     if x.numel() >= 2**31:
         raise ValueError("fused fake quantization supports tensors below 2**31 elements")
     return x, x.numel() // max(channels, 1)

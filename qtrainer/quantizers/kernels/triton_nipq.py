@@ -23,6 +23,11 @@ Hard quantization: ``delta * round(n * clip(x / alpha, lo, 1))`` in the torch fo
 operation order, so the forward is bit-identical; ``grad_x = grad`` strictly inside ``(lo, 1)``
 of ``x / alpha``, and ``d/d alpha = round(n c) / n - [inside] c`` per element, ``c`` the
 clipped ratio (``+-1`` at the bounds whatever the torch version).
+
+Several alphas (one per channel or per group, :func:`.common.channel_layout`): the programs are
+numbered row by row (``nblk`` blocks per row), each reads its row's ``alpha`` and ``delta``
+and sums its row's gradients; a row of one block stores its own sums. The histogram pools
+every row's rounding errors (each in units of its own ``delta``).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from .common import (BLOCK, NUM_WARPS, SUM_BLOCK, channel_layout, clip, finish_sums, grads,
+from .common import (NUM_WARPS, SUM_BLOCK, block_for, channel_layout, clip, finish_sums, grads,
                      like, match, rint, scalar, ticket, to_out)
 
 HIST_BINS = 256
@@ -54,27 +59,49 @@ def nipq_z(seed, offs, lut_ptr, HIST: tl.constexpr):
 
 
 @triton.jit
-def _noise_site(x_ptr, alpha_ptr, n, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """One program's elements of the noise phase: ``(offs, mask, x, alpha, above, below)``,
-    ``above``: ``x >= alpha``, ``below``: ``x <= lo`` and not above."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+def _row_site(inner, nblk, BLOCK: tl.constexpr):
+    """``(row, block in row, offs, mask)`` of this program (rows of ``inner`` elements)."""
+    prog = tl.program_id(0)
+    c = prog // nblk
+    pid = prog % nblk
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    return c, pid, c * inner + idx, idx < inner
+
+
+@triton.jit
+def _row_sum(part_ptr, out_ptr, value, slot, c, pid, nblk):
+    """Store this program's sum of gradient ``slot`` for row ``c`` (``out[slot * rows + c]``):
+    directly when a row is one block, else as a partial (the caller then calls
+    ``finish_sums``)."""
+    rows = tl.num_programs(0) // nblk
+    if nblk == 1:
+        tl.store(out_ptr + slot * rows + c, value)
+    else:
+        tl.store(part_ptr + (slot * rows + c) * nblk + pid, value)
+
+
+@triton.jit
+def _noise_site(x_ptr, alpha_ptr, inner, nblk, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """One program's elements of the noise phase: ``(c, pid, offs, mask, x, alpha, above,
+    below)``, ``above``: ``x >= alpha``, ``below``: ``x <= lo`` and not above."""
+    c, pid, offs, mask = _row_site(inner, nblk, BLOCK)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    alpha = tl.load(alpha_ptr).to(tl.float32)
+    alpha = tl.load(alpha_ptr + c).to(tl.float32)
     above = x >= alpha
     if SIGNED:
         below = (x <= -alpha) & (~above)
     else:
         below = (x <= 0.0) & (~above)
-    return offs, mask, x, alpha, above, below
+    return c, pid, offs, mask, x, alpha, above, below
 
 
 @triton.jit
-def _noise_fwd_kernel(x_ptr, alpha_ptr, delta_ptr, seed_ptr, lut_ptr, y_ptr, z_ptr, n,
+def _noise_fwd_kernel(x_ptr, alpha_ptr, delta_ptr, seed_ptr, lut_ptr, y_ptr, z_ptr, inner, nblk,
                       SIGNED: tl.constexpr, HIST: tl.constexpr, WRITE_Z: tl.constexpr,
                       BLOCK: tl.constexpr):
-    offs, mask, x, alpha, above, below = _noise_site(x_ptr, alpha_ptr, n, SIGNED, BLOCK)
-    delta = tl.load(delta_ptr).to(tl.float32)
+    c, pid, offs, mask, x, alpha, above, below = _noise_site(x_ptr, alpha_ptr, inner, nblk,
+                                                             SIGNED, BLOCK)
+    delta = tl.load(delta_ptr + c).to(tl.float32)
     z = nipq_z(tl.load(seed_ptr), offs, lut_ptr, HIST)
     if SIGNED:
         lo = -alpha
@@ -88,35 +115,38 @@ def _noise_fwd_kernel(x_ptr, alpha_ptr, delta_ptr, seed_ptr, lut_ptr, y_ptr, z_p
 
 @triton.jit
 def _noise_bwd_kernel(g_ptr, x_ptr, alpha_ptr, seed_ptr, lut_ptr, gx_ptr, part_ptr, out_ptr,
-                      ticket_ptr, n, nblk, SIGNED: tl.constexpr, HIST: tl.constexpr,
+                      ticket_ptr, inner, nblk, SIGNED: tl.constexpr, HIST: tl.constexpr,
                       NEED_X: tl.constexpr, NEED_P: tl.constexpr, BLOCK: tl.constexpr,
                       SUM_BLOCK: tl.constexpr):
-    offs, mask, x, alpha, above, below = _noise_site(x_ptr, alpha_ptr, n, SIGNED, BLOCK)
+    c, pid, offs, mask, x, alpha, above, below = _noise_site(x_ptr, alpha_ptr, inner, nblk,
+                                                             SIGNED, BLOCK)
     grad = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     inside = ~(above | below)
     if NEED_X:
         tl.store(gx_ptr + offs, to_out(tl.where(inside, grad, 0.0), gx_ptr.dtype.element_ty),
                  mask=mask)
     if NEED_P:
-        pid = tl.program_id(0)
         z = nipq_z(tl.load(seed_ptr), offs, lut_ptr, HIST)
         g_alpha = tl.where(above, grad, 0.0)
         if SIGNED:
             g_alpha = g_alpha - tl.where(below, grad, 0.0)
         g_delta = tl.where(inside, grad * z, 0.0)
-        tl.store(part_ptr + pid, tl.sum(tl.where(mask, g_alpha, 0.0), axis=0))
-        tl.store(part_ptr + nblk + pid, tl.sum(tl.where(mask, g_delta, 0.0), axis=0))
-        finish_sums(part_ptr, out_ptr, ticket_ptr, 2, nblk, 1.0, SUM_BLOCK=SUM_BLOCK)
+        _row_sum(part_ptr, out_ptr, tl.sum(tl.where(mask, g_alpha, 0.0), axis=0), 0, c, pid,
+                 nblk)
+        _row_sum(part_ptr, out_ptr, tl.sum(tl.where(mask, g_delta, 0.0), axis=0), 1, c, pid,
+                 nblk)
+        if nblk > 1:
+            finish_sums(part_ptr, out_ptr, ticket_ptr, 2 * (tl.num_programs(0) // nblk), nblk,
+                        1.0, SUM_BLOCK=SUM_BLOCK)
 
 
 @triton.jit
-def _hist_kernel(x_ptr, alpha_ptr, delta_ptr, hist_ptr, n, SIGNED: tl.constexpr,
+def _hist_kernel(x_ptr, alpha_ptr, delta_ptr, hist_ptr, inner, nblk, SIGNED: tl.constexpr,
                  BINS: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    c, pid, offs, mask = _row_site(inner, nblk, BLOCK)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    alpha = tl.load(alpha_ptr).to(tl.float32)
-    delta = tl.load(delta_ptr).to(tl.float32)
+    alpha = tl.load(alpha_ptr + c).to(tl.float32)
+    delta = tl.load(delta_ptr + c).to(tl.float32)
     if SIGNED:
         valid = mask & (x > -alpha) & (x < alpha)
     else:
@@ -143,27 +173,27 @@ def _lut_kernel(hist_ptr, lut_ptr, L: tl.constexpr, BINS: tl.constexpr, BLOCK: t
 
 
 @triton.jit
-def _hard_site(x_ptr, alpha_ptr, n, n_f, LO: tl.constexpr, BLOCK: tl.constexpr):
-    """``(offs, mask, alpha, clipped)``: the clipped ratio ``clip(x / alpha, LO, 1)``."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+def _hard_site(x_ptr, alpha_ptr, inner, nblk, LO: tl.constexpr, BLOCK: tl.constexpr):
+    """``(c, pid, offs, mask, alpha, clipped)``: the clipped ratio ``clip(x / alpha, LO, 1)``."""
+    c, pid, offs, mask = _row_site(inner, nblk, BLOCK)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    alpha = tl.load(alpha_ptr).to(tl.float32)
-    return offs, mask, alpha, clip(tl.math.div_rn(x, alpha), LO, 1.0)
+    alpha = tl.load(alpha_ptr + c).to(tl.float32)
+    return c, pid, offs, mask, alpha, clip(tl.math.div_rn(x, alpha), LO, 1.0)
 
 
 @triton.jit
-def _hard_fwd_kernel(x_ptr, alpha_ptr, y_ptr, n, n_f, LO: tl.constexpr, BLOCK: tl.constexpr):
-    offs, mask, alpha, clipped = _hard_site(x_ptr, alpha_ptr, n, n_f, LO, BLOCK)
+def _hard_fwd_kernel(x_ptr, alpha_ptr, y_ptr, inner, nblk, n_f, LO: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    c, pid, offs, mask, alpha, clipped = _hard_site(x_ptr, alpha_ptr, inner, nblk, LO, BLOCK)
     y = rint(clipped * n_f) * tl.math.div_rn(alpha, n_f)
     tl.store(y_ptr + offs, to_out(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _hard_bwd_kernel(g_ptr, x_ptr, alpha_ptr, gx_ptr, part_ptr, out_ptr, ticket_ptr, n, nblk,
-                     n_f, LO: tl.constexpr, NEED_X: tl.constexpr, NEED_A: tl.constexpr,
+def _hard_bwd_kernel(g_ptr, x_ptr, alpha_ptr, gx_ptr, part_ptr, out_ptr, ticket_ptr, inner,
+                     nblk, n_f, LO: tl.constexpr, NEED_X: tl.constexpr, NEED_A: tl.constexpr,
                      BLOCK: tl.constexpr, SUM_BLOCK: tl.constexpr):
-    offs, mask, alpha, clipped = _hard_site(x_ptr, alpha_ptr, n, n_f, LO, BLOCK)
+    c, pid, offs, mask, alpha, clipped = _hard_site(x_ptr, alpha_ptr, inner, nblk, LO, BLOCK)
     grad = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     outside = (clipped <= LO) | (clipped >= 1.0)
     if NEED_X:
@@ -172,22 +202,33 @@ def _hard_bwd_kernel(g_ptr, x_ptr, alpha_ptr, gx_ptr, part_ptr, out_ptr, ticket_
     if NEED_A:
         nc = clipped * n_f
         term = tl.math.div_rn(rint(nc) - nc, n_f) + tl.where(outside, clipped, 0.0)
-        tl.store(part_ptr + tl.program_id(0), tl.sum(tl.where(mask, grad * term, 0.0), axis=0))
-        finish_sums(part_ptr, out_ptr, ticket_ptr, 1, nblk, 1.0, SUM_BLOCK=SUM_BLOCK)
+        _row_sum(part_ptr, out_ptr, tl.sum(tl.where(mask, grad * term, 0.0), axis=0), 0, c,
+                 pid, nblk)
+        if nblk > 1:
+            finish_sums(part_ptr, out_ptr, ticket_ptr, tl.num_programs(0) // nblk, nblk, 1.0,
+                        SUM_BLOCK=SUM_BLOCK)
 
 
 # -- host side -------------------------------------------------------------------------------
+
+def _layout(x: torch.Tensor, alpha: torch.Tensor):
+    """``(dense x, rows, elements per row, block, blocks per row, flat alpha)``."""
+    a = scalar(alpha)
+    xd, inner = channel_layout(x, a.numel())
+    block = block_for(inner)
+    return xd, a.numel(), inner, block, max(triton.cdiv(inner, block), 1), a
+
 
 def noise_lut(x: torch.Tensor, alpha: torch.Tensor, delta: torch.Tensor, signed: bool,
               return_hist: bool = False):
     """The ``LUT_SIZE`` uint8 lookup table (bin per equal-probability cell) of this tensor's
     rounding-error histogram; with ``return_hist`` also the int32 histogram."""
-    xd, n = channel_layout(x, 1)
+    xd, rows, inner, block, nblk, a = _layout(x, alpha)
     hist = torch.zeros(HIST_BINS, device=xd.device, dtype=torch.int32)
-    if n > 0:
-        _hist_kernel[(triton.cdiv(n, BLOCK),)](xd, scalar(alpha), scalar(delta), hist, n,
-                                              SIGNED=bool(signed), BINS=HIST_BINS, BLOCK=BLOCK,
-                                              num_warps=NUM_WARPS, enable_fp_fusion=False)
+    if inner > 0:
+        _hist_kernel[(nblk * rows,)](xd, a, scalar(delta), hist, inner, nblk,
+                                     SIGNED=bool(signed), BINS=HIST_BINS, BLOCK=block,
+                                     num_warps=NUM_WARPS, enable_fp_fusion=False)
     lut = torch.empty(LUT_SIZE, device=xd.device, dtype=torch.uint8)
     lut_block = 4096 if interpreting() else 64  # the interpreter pays per program
     _lut_kernel[(LUT_SIZE // lut_block,)](hist, lut, L=LUT_SIZE, BINS=HIST_BINS, BLOCK=lut_block,
@@ -198,61 +239,60 @@ def noise_lut(x: torch.Tensor, alpha: torch.Tensor, delta: torch.Tensor, signed:
 def noise_forward(x: torch.Tensor, alpha: torch.Tensor, delta: torch.Tensor, seed: torch.Tensor,
                   lut: torch.Tensor | None, signed: bool, return_z: bool = False):
     """Noise-phase output (``x``'s dtype); with ``return_z`` also the fp32 ``z`` drawn."""
-    xd, n = channel_layout(x, 1)
+    xd, rows, inner, block, nblk, a = _layout(x, alpha)
     y = torch.empty_like(xd)
     z = torch.zeros_like(xd, dtype=torch.float32) if return_z else None
     hist = lut is not None
-    if n > 0:
-        _noise_fwd_kernel[(triton.cdiv(n, BLOCK),)](
-            xd, scalar(alpha), scalar(delta), seed, lut if hist else seed, y,
-            z if return_z else y, n, SIGNED=bool(signed), HIST=hist, WRITE_Z=return_z,
-            BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    if inner > 0:
+        _noise_fwd_kernel[(nblk * rows,)](
+            xd, a, scalar(delta), seed, lut if hist else seed, y,
+            z if return_z else y, inner, nblk, SIGNED=bool(signed), HIST=hist, WRITE_Z=return_z,
+            BLOCK=block, num_warps=NUM_WARPS, enable_fp_fusion=False)
     if xd is not x:
         y = like(y, x)
     return (y, z) if return_z else y
 
 
-def _backward(kernel, rows: int, grad, x, need_x: bool, need_params: bool, inputs: tuple,
-              scalars: tuple, **consts):
-    """Launch a one-pass backward kernel ``kernel(grad, x, *inputs, grad_x, partials, out,
-    ticket, n, nblk, *scalars)``: ``(grad_x or None, parameter gradients fp32 [rows] or
-    None)``."""
-    xd, n = channel_layout(x, 1)
-    nblk = max(triton.cdiv(n, BLOCK), 1)
+def _backward(kernel, slots: int, grad, x, alpha, need_x: bool, need_params: bool,
+              inputs: tuple, scalars: tuple, **consts):
+    """Launch a one-pass backward kernel ``kernel(grad, x, alpha, *inputs, grad_x, partials,
+    out, ticket, inner, nblk, *scalars)``: ``(grad_x or None, parameter gradients fp32
+    [slots * rows] or None)``."""
+    xd, rows, inner, block, nblk, a = _layout(x, alpha)
     gx = torch.empty_like(xd) if need_x else None
-    part, out = grads(rows, nblk, xd, need_params)
-    if n > 0 and (need_x or need_params):
-        kernel[(nblk,)](match(grad, xd), xd, *inputs, gx if need_x else xd, part, out,
-                        ticket(xd.device), n, nblk, *scalars, NEED_X=need_x, BLOCK=BLOCK,
-                        SUM_BLOCK=SUM_BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
-                        **consts)
+    part, out = grads(slots * rows, nblk, xd, need_params)
+    if inner > 0 and (need_x or need_params):
+        kernel[(nblk * rows,)](match(grad, xd), xd, a, *inputs, gx if need_x else xd, part, out,
+                               ticket(xd.device), inner, nblk, *scalars, NEED_X=need_x,
+                               BLOCK=block, SUM_BLOCK=SUM_BLOCK, num_warps=NUM_WARPS,
+                               enable_fp_fusion=False, **consts)
     elif need_params:
-        out = torch.zeros(rows, device=xd.device, dtype=torch.float32)
+        out = torch.zeros(slots * rows, device=xd.device, dtype=torch.float32)
     if gx is not None and xd is not x:
         gx = like(gx, x)
     return gx, (out if need_params else None)
 
 
 def noise_backward(grad, x, alpha, seed, lut, signed, need_x=True, need_params=True):
-    """``(grad_x, grad_params)``: ``grad_params`` fp32 ``[2]`` holds the direct ``alpha``
-    gradient and the ``delta`` gradient."""
+    """``(grad_x, grad_params)``: ``grad_params`` fp32 ``[2R]`` holds the direct ``alpha``
+    gradients, then the ``delta`` gradients (``R`` alphas)."""
     hist = lut is not None
-    return _backward(_noise_bwd_kernel, 2, grad, x, need_x, need_params,
-                     (scalar(alpha), seed, lut if hist else seed), (), SIGNED=bool(signed),
+    return _backward(_noise_bwd_kernel, 2, grad, x, alpha, need_x, need_params,
+                     (seed, lut if hist else seed), (), SIGNED=bool(signed),
                      HIST=hist, NEED_P=need_params)
 
 
 def hard_forward(x: torch.Tensor, alpha: torch.Tensor, n_levels: int, signed: bool):
-    xd, n = channel_layout(x, 1)
+    xd, rows, inner, block, nblk, a = _layout(x, alpha)
     y = torch.empty_like(xd)
-    if n > 0:
-        _hard_fwd_kernel[(triton.cdiv(n, BLOCK),)](
-            xd, scalar(alpha), y, n, float(n_levels), LO=-1.0 if signed else 0.0, BLOCK=BLOCK,
+    if inner > 0:
+        _hard_fwd_kernel[(nblk * rows,)](
+            xd, a, y, inner, nblk, float(n_levels), LO=-1.0 if signed else 0.0, BLOCK=block,
             num_warps=NUM_WARPS, enable_fp_fusion=False)
     return like(y, x) if xd is not x else y
 
 
 def hard_backward(grad, x, alpha, n_levels, signed, need_x=True, need_alpha=True):
-    """``(grad_x, grad_alpha)``; ``grad_alpha`` fp32 shape ``[1]``."""
-    return _backward(_hard_bwd_kernel, 1, grad, x, need_x, need_alpha, (scalar(alpha),),
+    """``(grad_x, grad_alpha)``; ``grad_alpha`` fp32 shape ``[R]``."""
+    return _backward(_hard_bwd_kernel, 1, grad, x, alpha, need_x, need_alpha, (),
                      (float(n_levels),), LO=-1.0 if signed else 0.0, NEED_A=need_alpha)

@@ -8,9 +8,11 @@ multiply-add), so the output is bit-identical to the torch formula given the sam
 
 Backward: read ``grad`` and ``x``, write ``grad_x`` (``grad`` where ``-Q_N < x/s < Q_P``, else
 0) and per-block fp32 partial sums of ``grad * d y / d s``, which the last block adds up and
-multiplies by the gradient scale ``g`` (:func:`.common.finish_sums`). Per-channel step sizes
-(channel = dim 0) use a 2-D grid (blocks within a channel x channels), so each partial belongs
-to one channel.
+multiplies by the gradient scale ``g`` (:func:`.common.finish_sums`). Per-channel and
+per-group step sizes (a row: a channel along dim 0, or a group of consecutive elements, see
+:func:`.common.channel_layout`) number the programs row by row (``nblk`` blocks per row, the
+block no wider than the row needs), so each partial belongs to one row; a row of one block
+stores its own sum (no final reduction: groups of up to ``BLOCK`` elements).
 
 Tempering noise ``xi`` is generated in the kernel from a seed (an int64 device tensor, so CUDA
 graph replays draw new noise when the seed tensor is refreshed by ``torch.randint``) and the
@@ -25,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (BLOCK, NUM_WARPS, SUM_BLOCK, channel_layout, clip, finish_sums, grads,
+from .common import (NUM_WARPS, SUM_BLOCK, block_for, channel_layout, clip, finish_sums, grads,
                      like, match, rint, ticket, to_out)
 
 
@@ -44,10 +46,11 @@ def tempering_noise(seed, offs, NOISE: tl.constexpr):
 
 
 @triton.jit
-def _step_fwd_kernel(x_ptr, s_ptr, seed_ptr, lam_ptr, y_ptr, noise_ptr, inner, lo, hi,
+def _step_fwd_kernel(x_ptr, s_ptr, seed_ptr, lam_ptr, y_ptr, noise_ptr, inner, nblk, lo, hi,
                      NOISE: tl.constexpr, WRITE_NOISE: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(1)
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    prog = tl.program_id(0)
+    c = prog // nblk
+    idx = (prog % nblk) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < inner
     offs = c * inner + idx
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -75,8 +78,9 @@ def _step_bwd_kernel(g_ptr, x_ptr, s_ptr, seed_ptr, lam_ptr, gx_ptr, part_ptr, o
                      ticket_ptr, inner, nblk, lo, hi, scale,
                      NOISE: tl.constexpr, NEED_X: tl.constexpr, NEED_S: tl.constexpr,
                      BLOCK: tl.constexpr, SUM_BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    c = tl.program_id(1)
+    prog = tl.program_id(0)
+    pid = prog % nblk
+    c = prog // nblk
     idx = pid * BLOCK + tl.arange(0, BLOCK)
     mask = idx < inner
     offs = c * inner + idx
@@ -100,9 +104,13 @@ def _step_bwd_kernel(g_ptr, x_ptr, s_ptr, seed_ptr, lam_ptr, gx_ptr, part_ptr, o
                 term = term + lam * xi
             else:
                 term = term + (lam * xi) * (code - clipped)  # 0 at and beyond the bounds
-        tl.store(part_ptr + c * nblk + pid, tl.sum(tl.where(mask, grad * term, 0.0), axis=0))
-        finish_sums(part_ptr, out_ptr, ticket_ptr, tl.num_programs(1), nblk, scale,
-                    SUM_BLOCK=SUM_BLOCK)
+        part = tl.sum(tl.where(mask, grad * term, 0.0), axis=0)
+        if nblk == 1:
+            tl.store(out_ptr + c, part * scale)
+        else:
+            tl.store(part_ptr + c * nblk + pid, part)
+            finish_sums(part_ptr, out_ptr, ticket_ptr, tl.num_programs(0) // nblk, nblk,
+                        scale, SUM_BLOCK=SUM_BLOCK)
 
 
 # -- host side -------------------------------------------------------------------------------
@@ -116,8 +124,8 @@ def _lam(lam, like_t: torch.Tensor) -> torch.Tensor:
 
 def forward(x: torch.Tensor, s: torch.Tensor, q_n: int, q_p: int, lam=0.0, noise: int = 0,
             seed: torch.Tensor | None = None, return_noise: bool = False):
-    """Fake-quantize ``x`` (any float dtype, output the same dtype). ``s``: 1-D step sizes, one
-    or one per channel (dim 0); ``lam``: the noise weight (tensor ``[1]`` or float). With
+    """Fake-quantize ``x`` (any float dtype, output the same dtype). ``s``: 1-D step sizes, one,
+    one per channel (dim 0) or one per group (:func:`.common.channel_layout`); ``lam``: the noise weight (tensor ``[1]`` or float). With
     ``return_noise`` also return the fp32 noise the kernel drew (a debug path for tests; shaped
     and strided like the output)."""
     s = s.detach().reshape(-1).contiguous()
@@ -127,11 +135,12 @@ def forward(x: torch.Tensor, s: torch.Tensor, q_n: int, q_p: int, lam=0.0, noise
         raise ValueError("tempering noise needs a seed tensor")
     out_noise = torch.zeros_like(xd, dtype=torch.float32) if return_noise and noise else None
     if inner > 0:
-        grid = (triton.cdiv(inner, BLOCK), s.numel())
-        _step_fwd_kernel[grid](
+        block = block_for(inner)
+        nblk = triton.cdiv(inner, block)
+        _step_fwd_kernel[(nblk * s.numel(),)](
             xd, s, seed if noise else s, _lam(lam, s) if noise else s, y,
-            out_noise if out_noise is not None else y, inner, float(-q_n), float(q_p),
-            NOISE=int(noise), WRITE_NOISE=out_noise is not None, BLOCK=BLOCK,
+            out_noise if out_noise is not None else y, inner, nblk, float(-q_n), float(q_p),
+            NOISE=int(noise), WRITE_NOISE=out_noise is not None, BLOCK=block,
             num_warps=NUM_WARPS, enable_fp_fusion=False)
     y = like(y, x) if xd is not x else y
     return (y, out_noise) if return_noise else y
@@ -147,15 +156,16 @@ def backward(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, q_n: int, q_p
     xd, inner = channel_layout(x, s.numel())
     gd = match(grad, xd)
     channels = s.numel()
-    nblk = max(triton.cdiv(inner, BLOCK), 1)
+    block = block_for(inner)
+    nblk = max(triton.cdiv(inner, block), 1)
     gx = torch.empty_like(xd) if need_x else None
     part, gs = grads(channels, nblk, xd, need_s)
     if inner > 0 and (need_x or need_s):
-        _step_bwd_kernel[(nblk, channels)](
+        _step_bwd_kernel[(nblk * channels,)](
             gd, xd, s, seed if noise else s, _lam(lam, s) if noise else s,
             gx if need_x else xd, part, gs, ticket(xd.device), inner, nblk, float(-q_n),
             float(q_p), float(g), NOISE=int(noise), NEED_X=need_x, NEED_S=need_s,
-            BLOCK=BLOCK, SUM_BLOCK=SUM_BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+            BLOCK=block, SUM_BLOCK=SUM_BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
     elif need_s:
         gs = torch.zeros(channels, device=xd.device, dtype=torch.float32)
     if gx is not None and xd is not x:

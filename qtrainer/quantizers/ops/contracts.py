@@ -7,10 +7,14 @@ seed, lookup table; entries may be None) and Python constants. The contracts:
 ==============  ==========================  ===================  ==========================
 contract        params                      aux                  consts
 ==============  ==========================  ===================  ==========================
-``step``        ``s`` (1-D, [1] or [C])     ``seed``, ``lam``    ``q_n, q_p, g, noise``
-``nipq_noise``  ``alpha``, ``delta`` ([1])  ``seed``, ``lut``    ``signed``
-``nipq_hard``   ``alpha`` ([1])             --                   ``n, signed``
+``step``        ``s`` (1-D, [R])            ``seed``, ``lam``    ``q_n, q_p, g, noise``
+``nipq_noise``  ``alpha``, ``delta`` ([R])  ``seed``, ``lut``    ``signed``
+``nipq_hard``   ``alpha`` ([R])             --                   ``n, signed``
 ==============  ==========================  ===================  ==========================
+
+``R`` parameters: one (per tensor), one per channel (``R`` equals dim 0 of ``x``) or one per
+group (``x``'s elements in row-major order cut into ``R`` equal contiguous groups;
+:func:`qtrainer.quantizers.formulas.step_rows`); their gradients are summed per row.
 
 ``step``: step-size fake quantization ``round(clip(x/s, -Q_N, Q_P)) * s`` (LSQ), ``g`` scaling
 ``s``'s gradient only, plus tempering noise of weight ``lam`` when ``noise`` is 1, 2 or 3

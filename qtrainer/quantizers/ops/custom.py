@@ -95,7 +95,7 @@ def nipq_noise_fake_quant_backward(grad: Tensor, x: Tensor, alpha: Tensor, delta
 
 @nipq_noise_fake_quant_backward.register_fake
 def _(grad, x, alpha, delta, seed, lut, signed, need_x, need_params):
-    return _fake_grads(x, alpha, 2, need_x, need_params)
+    return _fake_grads(x, alpha, 2 * alpha.numel(), need_x, need_params)
 
 
 # -- NIPQ hard quantization -----------------------------------------------------------------
@@ -120,4 +120,4 @@ def nipq_hard_fake_quant_backward(grad: Tensor, x: Tensor, alpha: Tensor, n: int
 
 @nipq_hard_fake_quant_backward.register_fake
 def _(grad, x, alpha, n, signed, need_x, need_params):
-    return _fake_grads(x, alpha, 1, need_x, need_params)
+    return _fake_grads(x, alpha, alpha.numel(), need_x, need_params)
