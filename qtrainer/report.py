@@ -8,7 +8,8 @@ Files of a job folder this module reads or writes:
   the epochs they re-ran;
 - ``plots/curves.png`` (loss and accuracy per epoch, FP pretraining included when present),
   ``plots/layers.png`` (weight/input bits and step sizes per layer),
-  ``plots/step_sizes.png`` (step sizes over epochs): :func:`make_plots`, needs matplotlib.
+  ``plots/step_sizes.png`` (step sizes over epochs), ``plots/oscillation.png`` (per layer, the
+  fraction of oscillating weights over epochs): :func:`make_plots`, needs matplotlib.
 """
 
 from __future__ import annotations
@@ -42,11 +43,24 @@ def _num(value: float | None, fmt: str) -> str:
         else format(value, fmt)
 
 
+def _oscillating(row: dict[str, Any]) -> float | None:
+    return (row.get("oscillation") or {}).get("oscillating")
+
+
+def worst_layers(row: dict[str, Any], n: int = 3) -> str:
+    """The ``n`` layers with the largest oscillating fraction of a job summary, as text
+    (``"conv2 12.5%, fc 3.1%"``); empty without oscillation figures."""
+    layers = (row.get("oscillation") or {}).get("layers") or {}
+    worst = sorted(layers.items(), key=lambda kv: -kv[1]["oscillating"])[:n]
+    return ", ".join(f"{name} {100 * v['oscillating']:.1f}%" for name, v in worst)
+
+
 def format_table(rows: list[dict[str, Any]], fp: dict[str, Any] | None = None) -> str:
     """A plain-text table: the FP model, then one row per job summary (recipe, method,
-    accuracy, change vs FP, average weight/activation bits, size MB, GBOPs, wall time)."""
+    accuracy, change vs FP, average weight/activation bits, size MB, GBOPs, wall time, the
+    fraction of oscillating weights), then the worst oscillating layers of each job."""
     header = ["model", "method", "top-1", "vs FP", "W bits", "A bits", "size MB", "GBOPs",
-              "time s"]
+              "time s", "osc"]
     lines = []
     fp_acc = fp.get("acc") if fp else (rows[0].get("fp_acc") if rows else None)
     if fp_acc is not None or fp:
@@ -56,7 +70,7 @@ def format_table(rows: list[dict[str, Any]], fp: dict[str, Any] | None = None) -
             fp_gbops = sum(r.get("macs", 0) for r in rows[0]["layers"]) * 32 * 32 / 1e9 or None
         lines.append(["full precision", "-", _pct(fp_acc), "", "32", "32",
                       _num(fp_size, ".3f"), _num(fp_gbops, ".4f"),
-                      _num(fp.get("wall_time_s") if fp else None, ".1f")])
+                      _num(fp.get("wall_time_s") if fp else None, ".1f"), ""])
     for r in rows:
         acc = r.get("quantized_acc")
         delta = None if acc is None or fp_acc is None else 100 * (acc - fp_acc)
@@ -64,13 +78,15 @@ def format_table(rows: list[dict[str, Any]], fp: dict[str, Any] | None = None) -
                       "-" if delta is None else f"{delta:+.2f}",
                       _num(r.get("avg_weight_bits"), ".2f"), _num(r.get("avg_act_bits"), ".2f"),
                       _num(r.get("size_mb"), ".3f"), _num(r.get("gbops"), ".4f"),
-                      _num(r.get("wall_time_s"), ".1f")])
+                      _num(r.get("wall_time_s"), ".1f"), _pct(_oscillating(r))])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     def fmt(cells):
         return "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
                          for i, (c, w) in enumerate(zip(cells, widths)))
     rule = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt(header), rule, *(fmt(line) for line in lines)])
+    worst = [f"oscillating weights (f > {r['oscillation']['threshold']:g}), worst layers of "
+             f"{r.get('recipe', '?')}: {worst_layers(r)}" for r in rows if worst_layers(r)]
+    return "\n".join([fmt(header), rule, *(fmt(line) for line in lines), *worst])
 
 
 # ----------------------------------------------------------------------------- metrics.csv
@@ -230,6 +246,23 @@ def make_plots(job_dir: str | os.PathLike) -> list[Path]:
         fig.suptitle("step sizes over training")
         written.append(_save(fig, out / "step_sizes.png"))
         plt.close(fig)
+
+    osc_keys = sorted({k for r in rows for k in r if k.startswith("qat_osc/")})
+    if osc_keys:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for key in osc_keys:
+            epochs, values = epoch_series(rows, key)
+            if epochs:
+                ax.plot([e + 1 for e in epochs], [100 * v for v in values],
+                        label=key.removeprefix("qat_osc/"))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("oscillating weights (%)")
+        ax.grid(alpha=0.3)
+        if len(osc_keys) <= 16:
+            ax.legend(fontsize=6, ncol=2)
+        fig.suptitle("weight oscillation per layer over training")
+        written.append(_save(fig, out / "oscillation.png"))
+        plt.close(fig)
     return written
 
 
@@ -280,4 +313,4 @@ def report(run_dir: str | os.PathLike, plots: bool = True) -> tuple[str, list[Pa
 
 
 __all__ = ["PLOTS_HINT", "PlotsUnavailable", "epoch_series", "format_table", "make_plots",
-           "merge_metrics", "read_csv", "report"]
+           "merge_metrics", "read_csv", "report", "worst_layers"]

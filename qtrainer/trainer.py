@@ -258,7 +258,9 @@ class QTrainer:
         """Figures of the run: FP and quantized accuracy (from :meth:`fit`'s baseline and the
         last :meth:`evaluate`), per-layer bits and step sizes, average bits, model size (MB, FP
         and quantized, over the quantized layers' weights), GBOPs, training wall time, recipe
-        name and hash, package versions."""
+        name and hash, package versions; ``oscillation``: the weights' oscillation at the end
+        of training (:meth:`qtrainer.callback.oscillation.OscillationControl.summary`; empty
+        with ``oscillation.track: false``)."""
         out: dict[str, Any] = {
             "recipe": self.recipe.name, "method": self.recipe.method.name,
             "recipe_hash": self.recipe.content_hash(), "epochs": self.recipe.phases.epochs,
@@ -274,6 +276,8 @@ class QTrainer:
                        size_mb=s.size_mb, gbops=s.gbops,
                        fp_size_mb=sum(r["weight_numel"] for r in layers) * 4 / 1e6,
                        layers=layers)
+        control = self.callback.oscillation if self.callback is not None else None
+        out["oscillation"] = control.summary() if control is not None else {}
         return out
 
 
