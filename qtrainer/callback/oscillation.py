@@ -55,12 +55,16 @@ class OscillationControl:
     @classmethod
     def start(cls, callback, trainer, pl_module, hard_phase: str) -> OscillationControl:
         """The control of a ``QuantizationCallback``'s fit (in its ``on_fit_start``, after the
-        optimizers are final): the recipe's section, the callback's step count, a resumed
-        checkpoint's state; NIPQ treats only in ``hard_phase``."""
+        optimizers are final): the recipe's section, the callback's step count, and the state
+        of a resumed checkpoint, else of the callback's previous fit (a second ``fit`` keeps
+        its frozen weights); NIPQ treats only in ``hard_phase``."""
         control = cls(callback.recipe.oscillation, pl_module, callback.total_steps,
                       lambda: callback._step(trainer),
                       lambda: not callback.is_nipq or callback.phase == hard_phase)
-        control.load_state_dict(callback._oscillation_state)
+        previous = callback.oscillation
+        control.load_state_dict(callback._oscillation_state or (
+            previous.state_dict() if previous is not None else {}))
+        callback._oscillation_state = {}
         control.attach(trainer.optimizers)
         return control
 
