@@ -230,38 +230,28 @@ def make_plots(job_dir: str | os.PathLike) -> list[Path]:
         written.append(_save(fig, out / "layers.png"))
         plt.close(fig)
 
-    step_keys = sorted({k for r in rows for k in r if k.startswith("qat_step/")})
-    if step_keys:
+    series = (("qat_step/", "step size", 1.0, True, "step sizes over training", "step_sizes.png"),
+              ("qat_osc/", "oscillating weights (%)", 100.0, False,
+               "weight oscillation per layer over training", "oscillation.png"))
+    for prefix, ylabel, factor, log, title, name in series:
+        keys = sorted({k for r in rows for k in r if k.startswith(prefix)})
+        if not keys:
+            continue
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        for key in step_keys:
+        for key in keys:
             epochs, values = epoch_series(rows, key)
             if epochs:
-                ax.plot([e + 1 for e in epochs], values, label=key.removeprefix("qat_step/"))
-        ax.set_yscale("log")
+                ax.plot([e + 1 for e in epochs], [factor * v for v in values],
+                        label=key.removeprefix(prefix))
+        if log:
+            ax.set_yscale("log")
         ax.set_xlabel("epoch")
-        ax.set_ylabel("step size")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if len(step_keys) <= 16:
+        if len(keys) <= 16:
             ax.legend(fontsize=6, ncol=2)
-        fig.suptitle("step sizes over training")
-        written.append(_save(fig, out / "step_sizes.png"))
-        plt.close(fig)
-
-    osc_keys = sorted({k for r in rows for k in r if k.startswith("qat_osc/")})
-    if osc_keys:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for key in osc_keys:
-            epochs, values = epoch_series(rows, key)
-            if epochs:
-                ax.plot([e + 1 for e in epochs], [100 * v for v in values],
-                        label=key.removeprefix("qat_osc/"))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("oscillating weights (%)")
-        ax.grid(alpha=0.3)
-        if len(osc_keys) <= 16:
-            ax.legend(fontsize=6, ncol=2)
-        fig.suptitle("weight oscillation per layer over training")
-        written.append(_save(fig, out / "oscillation.png"))
+        fig.suptitle(title)
+        written.append(_save(fig, out / name))
         plt.close(fig)
     return written
 

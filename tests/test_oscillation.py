@@ -9,6 +9,7 @@ import pytest
 import torch
 from lightning import pytorch as pl
 from lit_helpers import LitCNN, cifar_tensors, loaders
+from lit_helpers import quiet_trainer as trainer
 from torch import nn
 from user_modules import ManualAdam
 
@@ -163,13 +164,6 @@ def test_frozen_weights_do_not_change_through_further_steps():
 # ----------------------------------------------------------------------------- with Lightning
 
 
-def trainer(epochs, callbacks, **kw):
-    kw.setdefault("logger", False)
-    kw.setdefault("enable_checkpointing", False)
-    return pl.Trainer(max_epochs=epochs, callbacks=callbacks, enable_progress_bar=False,
-                      enable_model_summary=False, deterministic=True, **kw)
-
-
 @pytest.fixture(scope="module")
 def data():
     return cifar_tensors("train", 40), cifar_tensors("test", 10)
@@ -295,3 +289,25 @@ def test_tracking_off_and_recipe_checks():
         load_recipe("lsq-4bit", {"oscillation.momentum": 1.5})
     assert math.isclose(load_recipe("lsq-4bit", {"oscillation.momentum": 0.5}).oscillation.momentum,
                         0.5)
+
+
+def test_nipq_treats_oscillation_in_its_hard_phase_only(data):
+    seen = []
+
+    class Epochs(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen.append((cb.phase, dict(cb.oscillation.metrics(per_layer=False))))
+
+    pl.seed_everything(0)
+    cb = QuantizationCallback("nipq-4bit", overrides={
+        "phases.epochs": 2, "phases.hard_epochs": 1, "phases.bn_reestimation_batches": 2,
+        "lr_schedule.warmup_epochs": 0, "oscillation.dampening.enabled": True,
+        "oscillation.dampening.schedule": "constant", "oscillation.freezing.enabled": True,
+        "oscillation.freezing.threshold_start": 0.01, "oscillation.freezing.threshold_final": 0.01})
+    t = trainer(2, [Epochs(), cb])  # Epochs reads (and resets) the figures before cb logs
+    t.fit(LitCNN(lr=0.01), *loaders(*data, batch_size=64))
+    (noise_phase, noise), (hard_phase, hard) = seen
+    assert (noise_phase, hard_phase) == ("noise", "hard")
+    assert "qat/dampening_loss" not in noise and noise["qat/osc_frozen"] == 0  # tracked only
+    assert "qat/osc_fraction" in noise
+    assert hard["qat/dampening_loss"] > 0
