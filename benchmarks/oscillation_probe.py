@@ -82,7 +82,8 @@ def train_fp(model, train, epochs: int, lr: float = 0.05, batch: int = 128):
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4,
                           nesterov=True)
     steps = epochs * math.ceil(len(train) / batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     loader = DataLoader(train, batch_size=batch, shuffle=True)
     model.train()
     for _ in range(epochs):

@@ -1,4 +1,4 @@
-"""Weight oscillation in QAT (Nagel et al., ICML 2022; docs/algorithms.md section 5): the
+"""Weight oscillation in QAT (Nagel et al., ICML 2022; docs/algorithms.md section 4): the
 tracker of integer-code flips, iterative freezing and the dampening regularizer's gradient.
 
 Everything here works on the integer codes of a weight quantizer (``int_codes``: no forward of
@@ -37,6 +37,7 @@ from torch import nn
 
 from .nn import QuantizedLayer
 
+
 def flip_step(prev_code: torch.Tensor, prev_dir: torch.Tensor, freq: torch.Tensor,
               code: torch.Tensor, momentum: float) -> torch.Tensor:
     """One tracking step in place on ``prev_code``/``prev_dir``/``freq`` (same shape as
@@ -69,7 +70,7 @@ def boundary_distance(layer: QuantizedLayer, exclude: torch.Tensor | None = None
     rounding boundary (``k + 1/2`` in step units), in steps: 0.5 sits on a code, 0 on a
     boundary. ``exclude``: a bool mask of elements left out (frozen ones). NaN if none is left."""
     with torch.no_grad():
-        codes, scale = weight_codes(layer)
+        _, scale = weight_codes(layer)
         v = layer.weight.detach().float() / scale
         lo, hi = layer.weight_quantizer.code_range
         inside = (v > lo) & (v < hi)

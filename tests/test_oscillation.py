@@ -1,4 +1,4 @@
-"""Weight oscillation (docs/algorithms.md section 5): the tracker's EMA on hand-made codes, a
+"""Weight oscillation (docs/algorithms.md section 4): the tracker's EMA on hand-made codes, a
 weight driven back and forth across a rounding boundary counted and a monotonic one not,
 dampening's gradient against its formula, freezing through steps, resume and export, the
 recipe section's checks, and the figures a run reports (summary, table, plot)."""
@@ -172,7 +172,8 @@ def data():
 W2 = {"bits.weight": 2, "bits.activation": 2, "first_last.bits": "same", "optimizer.lr": 0.01,
       "lr_schedule.warmup_epochs": 0, "phases.epochs": 3}
 FREEZE = {**W2, "oscillation.momentum": 0.1, "oscillation.freezing.enabled": True,
-          "oscillation.freezing.threshold_start": 0.05, "oscillation.freezing.threshold_final": 0.02,
+          "oscillation.freezing.threshold_start": 0.05,
+          "oscillation.freezing.threshold_final": 0.02,
           "oscillation.dampening.enabled": True}
 
 

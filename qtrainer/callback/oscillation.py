@@ -13,7 +13,7 @@ import torch
 
 from ..oscillation import OscillationTracker, add_dampening_gradient, quantized_weights
 from ..recipes import RecipeError
-from ..recipes.oscillation import Oscillation
+from ..recipes import Oscillation
 from ..schedules import CosineRamp
 
 
@@ -39,7 +39,8 @@ class OscillationControl:
             key = "dampening" if damp.enabled else "freezing"
             raise RecipeError(f"oscillation.{key}.enabled", f"oscillation {key}'s schedule needs "
                               "the run's length in optimizer steps, which the Trainer does not "
-                              "know (a training loader without __len__): set Trainer(max_steps=...)")
+                              "know (a training loader without __len__): set "
+                              "Trainer(max_steps=...)")
         total = total_steps or 1
         self.damp_weight = None if not damp.enabled else CosineRamp(
             0.0 if damp.schedule == "cosine" else damp.weight, damp.weight, total)

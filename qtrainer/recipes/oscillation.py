@@ -1,5 +1,5 @@
 """The recipe's ``oscillation`` section: weight-oscillation telemetry, dampening and iterative
-freezing (Nagel et al., ICML 2022; docs/algorithms.md section 5), with the paper's defaults.
+freezing (Nagel et al., ICML 2022; docs/algorithms.md section 4), with the paper's defaults.
 
 A recipe whose section equals the defaults (telemetry on, no treatment) leaves it out of
 :meth:`~qtrainer.recipes.Recipe.to_dict`, so recipes and their content hashes written before
