@@ -312,3 +312,20 @@ def test_nipq_treats_oscillation_in_its_hard_phase_only(data):
     assert "qat/dampening_loss" not in noise and noise["qat/osc_frozen"] == 0  # tracked only
     assert "qat/osc_fraction" in noise
     assert hard["qat/dampening_loss"] > 0
+
+
+def test_telemetry_leaves_training_unchanged_and_switches_off(data):
+    def run(track):
+        pl.seed_everything(0)
+        cb = QuantizationCallback("lsq-4bit", overrides={**W2, "phases.epochs": 1,
+                                                         "oscillation.track": track})
+        module = LitCNN(lr=0.01)
+        t = trainer(1, [cb])
+        t.fit(module, *loaders(*data, batch_size=64))
+        return t.callback_metrics, cb, module.state_dict()
+
+    on, cb_on, weights_on = run(True)
+    off, cb_off, weights_off = run(False)
+    assert all(torch.equal(weights_on[k], weights_off[k]) for k in weights_on)
+    assert "qat/osc_fraction" in on and not any("osc" in k for k in off)
+    assert cb_off.oscillation.summary() == {} and not cb_off.oscillation._handles

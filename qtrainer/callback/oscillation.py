@@ -71,8 +71,11 @@ class OscillationControl:
 
     # ------------------------------------------------------------------ optimizer hooks
     def attach(self, optimizers) -> None:
-        """Hook every optimizer that holds quantized weights (once per optimizer)."""
+        """Hook every optimizer that holds quantized weights (once per optimizer); none with
+        tracking and dampening off."""
         self.detach()
+        if self.tracker is None and self.damp_weight is None:
+            return
         owner = {id(layer.weight): name for name, layer in self.layers.items()}
         for opt in optimizers:
             names = [owner[id(p)] for g in opt.param_groups for p in g["params"] if id(p) in owner]
