@@ -128,7 +128,8 @@ class LayerState:
     ema_code: torch.Tensor | None = None  # fp32 (freezing only)
     frozen: torch.Tensor | None = None  # bool (freezing only)
     frozen_code: torch.Tensor | None = None  # int16 (freezing only)
-    count: int = 0  # oscillations since the last stats(reset=True)
+    count: torch.Tensor | int = 0  # oscillations since the last stats(reset=True) (0-d, on
+    # the weight's device: no device sync per step)
 
 
 STATE_KEYS = ("prev_code", "prev_dir", "freq", "ema_code", "frozen", "frozen_code")
@@ -177,7 +178,7 @@ class OscillationTracker:
                 continue
             if st.frozen is not None:
                 codes = torch.where(st.frozen, st.frozen_code.to(codes.dtype), codes)
-            st.count += int(flip_step(st.prev_code, st.prev_dir, st.freq, codes, m).sum())
+            st.count = st.count + flip_step(st.prev_code, st.prev_dir, st.freq, codes, m).sum()
             if self.freezing:
                 if freeze_threshold > 0:
                     new = (st.freq > freeze_threshold) & ~st.frozen
@@ -193,7 +194,7 @@ class OscillationTracker:
         to the current code range), so the quantizer's forward and export emit that code."""
         for name in self.layers if names is None else names:
             st = self.state.get(name)
-            if st is None or st.frozen is None or not bool(st.frozen.any()):
+            if st is None or st.frozen is None:
                 continue
             layer = self.layers[name]
             _, scale = weight_codes(layer)
@@ -223,7 +224,7 @@ class OscillationTracker:
                 "elements": st.freq.numel(), "mean_freq": float(st.freq.mean()),
                 "oscillating": float((st.freq > self.threshold).float().mean()),
                 "boundary_distance": boundary_distance(self.layers[name], frozen),
-                "oscillations": st.count,
+                "oscillations": int(st.count),
                 "frozen": float(frozen.float().mean()) if frozen is not None else 0.0}
             if reset:
                 st.count = 0
@@ -232,7 +233,7 @@ class OscillationTracker:
     def state_dict(self) -> dict[str, dict]:
         """The per-element state as CPU tensors (checkpointable with ``weights_only=True``)."""
         return {name: {k: getattr(st, k).cpu() for k in STATE_KEYS if getattr(st, k) is not None}
-                | {"count": st.count} for name, st in self.state.items()}
+                | {"count": int(st.count)} for name, st in self.state.items()}
 
     def load_state_dict(self, state: dict[str, dict]) -> None:
         """Restore :meth:`state_dict` (layers unknown to this model are ignored), then write the
