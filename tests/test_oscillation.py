@@ -329,3 +329,19 @@ def test_telemetry_leaves_training_unchanged_and_switches_off(data):
     assert all(torch.equal(weights_on[k], weights_off[k]) for k in weights_on)
     assert "qat/osc_fraction" in on and not any("osc" in k for k in off)
     assert cb_off.oscillation.summary() == {} and not cb_off.oscillation._handles
+
+
+def test_tempering_freezes_under_its_noise(data):
+    pl.seed_everything(0)
+    cb = QuantizationCallback("tempering-4bit", overrides={
+        **W2, "phases.epochs": 2, "oscillation.momentum": 0.1,
+        "oscillation.freezing.enabled": True, "oscillation.freezing.threshold_start": 0.05,
+        "oscillation.freezing.threshold_final": 0.05})
+    module = LitCNN(lr=0.01)
+    trainer(2, [cb]).fit(module, *loaders(*data, batch_size=64))
+    layers = dict(module.named_modules())
+    frozen = frozen_state(cb)
+    assert sum(int(mask.sum()) for mask, _ in frozen.values()) > 0
+    for name, (mask, codes) in frozen.items():
+        got, _ = layers[name].weight_quantizer.int_codes(layers[name].weight.detach())
+        assert torch.equal(got[mask], codes[mask].float()), name
