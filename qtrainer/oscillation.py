@@ -99,9 +99,10 @@ def dampening_loss(layer: QuantizedLayer, aggregation: str = "kernel_mean") -> t
 
 @torch.no_grad()
 def add_dampening_gradient(layer: QuantizedLayer, weight: float,
-                           aggregation: str = "kernel_mean") -> float:
+                           aggregation: str = "kernel_mean") -> torch.Tensor:
     """Add ``weight * d dampening_loss / d w`` to ``layer.weight.grad`` (created if None) in
-    closed form; returns ``weight * dampening_loss`` (a float)."""
+    closed form; returns ``weight * dampening_loss`` (a 0-d tensor on the weight's device, so
+    no device sync)."""
     codes, scale = weight_codes(layer)
     lo, hi = layer.weight_quantizer.code_range
     w = layer.weight.detach().float()
@@ -115,7 +116,7 @@ def add_dampening_gradient(layer: QuantizedLayer, weight: float,
         p.grad = grad.to(p.dtype)
     else:
         p.grad.add_(grad.to(p.grad.dtype))
-    return weight * factor * float(diff.square().sum())
+    return weight * factor * diff.square().sum()
 
 
 @dataclass

@@ -127,7 +127,7 @@ def test_dampening_gradient_matches_its_formula(aggregation):
     assert float(dampening_loss(layer, aggregation).detach()) * lam == pytest.approx(
         float(expected_loss), rel=1e-6)
     value = add_dampening_gradient(layer, lam, aggregation)
-    assert value == pytest.approx(float(expected_loss), rel=1e-5)
+    assert float(value) == pytest.approx(float(expected_loss), rel=1e-5)
     torch.testing.assert_close(layer.weight.grad, expected_grad, rtol=1e-6, atol=1e-9)
     assert layer.weight.grad[0, 0, 0, :2].abs().max() == 0  # clipped: untouched
     assert q.step.grad is None  # range learning untouched

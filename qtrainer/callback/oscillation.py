@@ -149,7 +149,7 @@ class OscillationControl:
         if self.damp_weight is not None:
             out["qat/dampening_weight"] = self.damp_weight(self.step())
             if self._damp_steps:
-                out["qat/dampening_loss"] = self._damp_sum / self._damp_steps
+                out["qat/dampening_loss"] = float(self._damp_sum) / self._damp_steps
             self._damp_sum, self._damp_steps = 0.0, 0
         return out
 
