@@ -245,7 +245,7 @@ def test_manual_optimization_gets_dampening_and_tracking(data):
     assert m["qat/osc_count"] >= 0 and cb.oscillation.tracker.state  # stepped and tracked
 
 
-def test_summary_table_and_plot_report_oscillation(tmp_path, data):
+def test_summary_table_and_plot_report_oscillation(tmp_path, data, capsys):
     from qtrainer import QTrainer
     from qtrainer.models import SmallCNN
 
@@ -253,6 +253,8 @@ def test_summary_table_and_plot_report_oscillation(tmp_path, data):
     qt = QTrainer(SmallCNN(width=8), "lsq-4bit", overrides={**W2, "phases.epochs": 2},
                   output_dir=tmp_path)
     qt.fit(*loaders(*data, batch_size=64))
+    lines = [s for s in capsys.readouterr().out.splitlines() if s.startswith("epoch ")]
+    assert len(lines) == 2 and all(" osc " in s and s.endswith("%") for s in lines), lines
     summary = qt.summary()
     osc = summary["oscillation"]
     assert set(osc) >= {"threshold", "oscillating", "mean_freq", "boundary_distance", "layers"}
