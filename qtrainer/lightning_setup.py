@@ -72,10 +72,11 @@ def in_terminal() -> bool:
 class EpochLines(Callback):
     """The progress display outside a terminal: one line per epoch, printed when it ends::
 
-        epoch 3/8  loss 0.4123  acc 88.20%  val_loss 0.3811  val_acc 90.12%  bits W 3.91 A 4.02  phase noise  lambda 0.0821
+        epoch 3/8  loss 0.4123  acc 88.20%  val_loss 0.3811  val_acc 90.12%  bits W 3.91 A 4.02  phase noise  lambda 0.0821  osc 0.12%
 
-    ``bits`` (average weight/activation bits), ``phase`` and ``lambda`` appear in QAT (lambda
-    only for noise tempering); ``phase`` is ``fp`` in full-precision training, ``noise`` or
+    ``bits`` (average weight/activation bits), ``phase``, ``lambda`` and ``osc`` (the fraction
+    of oscillating weights, ``oscillation.track``) appear in QAT (lambda only for noise
+    tempering); ``phase`` is ``fp`` in full-precision training, ``noise`` or
     ``hard`` for NIPQ and ``qat`` otherwise. Rank 0 prints; nothing is printed per batch.
     """
 
@@ -97,6 +98,8 @@ class EpochLines(Callback):
             parts.append(f"phase {quant.phase if getattr(quant, 'is_nipq', False) else 'qat'}")
         if "qat/lambda" in m:
             parts.append(f"lambda {m['qat/lambda']:.4g}")
+        if "qat/osc_fraction" in m:
+            parts.append(f"osc {100 * m['qat/osc_fraction']:.2f}%")
         print("  ".join(parts), flush=True)
 
 

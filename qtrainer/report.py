@@ -8,7 +8,8 @@ Files of a job folder this module reads or writes:
   the epochs they re-ran;
 - ``plots/curves.png`` (loss and accuracy per epoch, FP pretraining included when present),
   ``plots/layers.png`` (weight/input bits and step sizes per layer),
-  ``plots/step_sizes.png`` (step sizes over epochs): :func:`make_plots`, needs matplotlib.
+  ``plots/step_sizes.png`` (step sizes over epochs), ``plots/oscillation.png`` (per layer, the
+  fraction of oscillating weights over epochs): :func:`make_plots`, needs matplotlib.
 """
 
 from __future__ import annotations
@@ -42,12 +43,25 @@ def _num(value: float | None, fmt: str) -> str:
         else format(value, fmt)
 
 
+def _oscillating(row: dict[str, Any]) -> float | None:
+    return (row.get("oscillation") or {}).get("oscillating")
+
+
+def worst_layers(row: dict[str, Any], n: int = 3) -> str:
+    """The ``n`` layers with the largest oscillating fraction of a job summary, as text
+    (``"conv2 12.5%, fc 3.1%"``); empty without oscillation figures."""
+    layers = (row.get("oscillation") or {}).get("layers") or {}
+    worst = sorted(layers.items(), key=lambda kv: -kv[1]["oscillating"])[:n]
+    return ", ".join(f"{name} {100 * v['oscillating']:.1f}%" for name, v in worst)
+
+
 def format_table(rows: list[dict[str, Any]], fp: dict[str, Any] | None = None) -> str:
     """A plain-text table: the FP model, then one row per job summary (recipe, method,
     accuracy, change vs FP, average weight/activation bits and the share of weight elements
-    quantized, over every weight-bearing layer; size MB, GBOPs, wall time)."""
+    quantized, over every weight-bearing layer; size MB, GBOPs, wall time, the fraction of
+    oscillating weights), then the worst oscillating layers of each job."""
     header = ["model", "method", "top-1", "vs FP", "W bits", "W quant", "A bits", "size MB",
-              "GBOPs", "time s"]
+              "GBOPs", "time s", "osc"]
     lines = []
     fp_acc = fp.get("acc") if fp else (rows[0].get("fp_acc") if rows else None)
     if fp_acc is not None or fp:
@@ -57,7 +71,7 @@ def format_table(rows: list[dict[str, Any]], fp: dict[str, Any] | None = None) -
             fp_gbops = sum(r.get("macs", 0) for r in rows[0]["layers"]) * 32 * 32 / 1e9 or None
         lines.append(["full precision", "-", _pct(fp_acc), "", "32", "0%", "32",
                       _num(fp_size, ".3f"), _num(fp_gbops, ".4f"),
-                      _num(fp.get("wall_time_s") if fp else None, ".1f")])
+                      _num(fp.get("wall_time_s") if fp else None, ".1f"), ""])
     for r in rows:
         acc = r.get("quantized_acc")
         delta = None if acc is None or fp_acc is None else 100 * (acc - fp_acc)
@@ -66,13 +80,15 @@ def format_table(rows: list[dict[str, Any]], fp: dict[str, Any] | None = None) -
                       _num(r.get("avg_weight_bits"), ".2f"), _pct(r.get("quantized_weight_share")),
                       _num(r.get("avg_act_bits"), ".2f"),
                       _num(r.get("size_mb"), ".3f"), _num(r.get("gbops"), ".4f"),
-                      _num(r.get("wall_time_s"), ".1f")])
+                      _num(r.get("wall_time_s"), ".1f"), _pct(_oscillating(r))])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     def fmt(cells):
         return "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
                          for i, (c, w) in enumerate(zip(cells, widths)))
     rule = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt(header), rule, *(fmt(line) for line in lines)])
+    worst = [f"oscillating weights (f > {r['oscillation']['threshold']:g}), worst layers of "
+             f"{r.get('recipe', '?')}: {worst_layers(r)}" for r in rows if worst_layers(r)]
+    return "\n".join([fmt(header), rule, *(fmt(line) for line in lines), *worst])
 
 
 # ----------------------------------------------------------------------------- metrics.csv
@@ -216,21 +232,28 @@ def make_plots(job_dir: str | os.PathLike) -> list[Path]:
         written.append(_save(fig, out / "layers.png"))
         plt.close(fig)
 
-    step_keys = sorted({k for r in rows for k in r if k.startswith("qat_step/")})
-    if step_keys:
+    series = (("qat_step/", "step size", 1.0, True, "step sizes over training", "step_sizes.png"),
+              ("qat_osc/", "oscillating weights (%)", 100.0, False,
+               "weight oscillation per layer over training", "oscillation.png"))
+    for prefix, ylabel, factor, log, title, name in series:
+        keys = sorted({k for r in rows for k in r if k.startswith(prefix)})
+        if not keys:
+            continue
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        for key in step_keys:
+        for key in keys:
             epochs, values = epoch_series(rows, key)
             if epochs:
-                ax.plot([e + 1 for e in epochs], values, label=key.removeprefix("qat_step/"))
-        ax.set_yscale("log")
+                ax.plot([e + 1 for e in epochs], [factor * v for v in values],
+                        label=key.removeprefix(prefix))
+        if log:
+            ax.set_yscale("log")
         ax.set_xlabel("epoch")
-        ax.set_ylabel("step size")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if len(step_keys) <= 16:
+        if len(keys) <= 16:
             ax.legend(fontsize=6, ncol=2)
-        fig.suptitle("step sizes over training")
-        written.append(_save(fig, out / "step_sizes.png"))
+        fig.suptitle(title)
+        written.append(_save(fig, out / name))
         plt.close(fig)
     return written
 
@@ -282,4 +305,4 @@ def report(run_dir: str | os.PathLike, plots: bool = True) -> tuple[str, list[Pa
 
 
 __all__ = ["PLOTS_HINT", "PlotsUnavailable", "epoch_series", "format_table", "make_plots",
-           "merge_metrics", "read_csv", "report"]
+           "merge_metrics", "read_csv", "report", "worst_layers"]

@@ -45,3 +45,23 @@ class WarmupCosine:
         span = max(self.total_steps - self.warmup_steps, 1)
         progress = min((step - self.warmup_steps) / span, 1.0)
         return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class CosineRamp:
+    """A value per optimizer step that moves from ``start`` to ``final`` along half a cosine
+    between step ``begin`` and ``total_steps``; ``before`` ahead of ``begin``, ``final`` after
+    ``total_steps``. Oscillation dampening: 0 -> lambda_d from step 0; freezing threshold: 0
+    (nothing frozen) until ``begin``, then 0.1 -> 0.01 (Nagel et al.'s defaults)."""
+
+    start: float
+    final: float
+    total_steps: int
+    begin: int = 0
+    before: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        if step < self.begin:
+            return self.before
+        progress = min((step - self.begin) / max(self.total_steps - self.begin, 1), 1.0)
+        return self.final + (self.start - self.final) * 0.5 * (1 + math.cos(math.pi * progress))

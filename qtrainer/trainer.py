@@ -276,7 +276,10 @@ class QTrainer:
         """Figures of the run: FP and quantized accuracy (from :meth:`fit`'s baseline and the
         last :meth:`evaluate`), per-layer bits and step sizes, average bits, model size (MB, FP
         and quantized, every parameter; share of weight elements quantized), GBOPs, training
-        wall time, recipe name and hash, package versions."""
+        wall time, recipe name and hash, package versions; ``oscillation``: the weights'
+        oscillation at the end of training
+        (:meth:`qtrainer.callback.oscillation.OscillationControl.summary`; empty with
+        ``oscillation.track: false``)."""
         out: dict[str, Any] = {
             "recipe": self.recipe.name, "method": self.recipe.method.name,
             "recipe_hash": self.recipe.content_hash(), "epochs": self.recipe.phases.epochs,
@@ -296,6 +299,8 @@ class QTrainer:
                        fp_size_mb=sum(p.numel() * p.element_size() for p in self.model.parameters()
                                       if id(p) not in quantizer_params) / 1e6,
                        layers=layers)
+        control = self.callback.oscillation if self.callback is not None else None
+        out["oscillation"] = control.summary() if control is not None else {}
         return out
 
 

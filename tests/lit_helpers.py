@@ -59,6 +59,15 @@ class LitCNN(pl.LightningModule):
         return [opt, torch.optim.SGD(self.parameters(), lr=self.lr)]
 
 
+def quiet_trainer(epochs: int, callbacks: list, **kw) -> pl.Trainer:
+    """A deterministic Trainer without logger, checkpoints, progress bar or summary (unless
+    ``kw`` turns them on)."""
+    kw.setdefault("logger", False)
+    kw.setdefault("enable_checkpointing", False)
+    return pl.Trainer(max_epochs=epochs, callbacks=callbacks, enable_progress_bar=False,
+                      enable_model_summary=False, deterministic=True, **kw)
+
+
 def loaders(train: TensorDataset, val: TensorDataset, batch_size: int = 128):
     """Train batches shuffled per epoch by a seeded, epoch-aware sampler (Lightning calls its
     ``set_epoch``), so a resumed run sees the same batches as an uninterrupted one."""

@@ -19,7 +19,7 @@ LAYERS = [
     ("quantizers", ["quantizers"]),
     ("nn", ["nn", "nn_attention", "recompute"]),
     ("surgery", ["surgery", "layer_trace", "forward", "checkpoint_files", "resources", "bn", "schedules",
-                 "export"]),
+                 "oscillation", "export"]),
     ("recipes", ["recipes", "quantized"]),
     ("callback", ["callback"]),
     ("trainer", ["trainer", "lit_module", "checkpoint_io", "loaders", "lightning_setup", "models",

@@ -7,17 +7,11 @@ import pytest
 import torch
 from lightning import pytorch as pl
 from lit_helpers import LitCNN, cifar_tensors, loaders
+from lit_helpers import quiet_trainer as trainer
 
 from qtrainer import LSQQuantizer, QuantizedLayer, named_quantizers
 from qtrainer.callback import QuantizationCallback
 from qtrainer.recipes import RecipeError
-
-
-def trainer(epochs, callbacks, **kw):
-    kw.setdefault("logger", False)
-    kw.setdefault("enable_checkpointing", False)
-    return pl.Trainer(max_epochs=epochs, callbacks=callbacks, enable_progress_bar=False,
-                      enable_model_summary=False, deterministic=True, **kw)
 
 
 @pytest.fixture(scope="module")

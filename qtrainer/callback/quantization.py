@@ -18,9 +18,9 @@ Hooks and what they do:
 - ``on_train_epoch_start``: NIPQ's switch to hard quantization (bits frozen, BN re-estimated on
   this epoch's batches).
 - ``on_train_batch_end``: BN re-estimation after the last batch for LSQ/tempering when asked.
-- ``on_train_epoch_end``: logs bits, step sizes, lambda, phase, size, GBOPs.
+- ``on_train_epoch_end``: logs bits, step sizes, lambda, phase, size, GBOPs, oscillation.
 - ``state_dict``/``load_state_dict``/``on_save_checkpoint``: recipe, hash, phase, versions, RNG
-  state, and the layer plan that ``qtrainer.load_quantized`` rebuilds the module from.
+  state, oscillation state, and the layer plan ``qtrainer.load_quantized`` rebuilds from.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from .batches import batch_input, peek_batch, set_loader_epoch
 from .faults import check_gradients, check_quantizers
 from .length import fit_length
 from .module_hooks import add_resource_loss, quantize_on_restore
+from .oscillation import OscillationControl
 from .optimizers import install_lr_schedule, replace_optimizers
 from .user_optimizers import describe_optimizers, keep_user_optimizers
 
@@ -104,8 +105,7 @@ class QuantizationCallback(Callback):
                  fit: str | None = None, auto_policy: str = "keep"):
         if isinstance(recipe, Recipe):
             recipe = recipe.to_dict() if overrides else recipe
-        self.base_recipe = recipe if isinstance(recipe, Recipe) \
-            else load_recipe(recipe, overrides=overrides)
+        self.base_recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
         self.recipe = self.base_recipe  # fitted to the Trainer in on_fit_start
         try:
             self.fit_mode = check_choice("fit", fit, FIT_MODES) if fit is not None \
@@ -126,9 +126,10 @@ class QuantizationCallback(Callback):
         self._input_spec: dict | None = None
         self._restored: dict | None = None  # the callback state of a checkpoint being resumed
         self._restored_plan: list | None = None  # and its layer plan
-        self._fitted = False
-        self._init_checked = False
+        self._fitted = self._init_checked = False
         self._unhook: Callable[[], None] | None = None  # removes the restore hook
+        self.oscillation: OscillationControl | None = None  # set in on_fit_start
+        self._oscillation_state: dict = {}  # a resumed checkpoint's, for on_fit_start
 
     # ------------------------------------------------------------------ properties
     @property
@@ -159,7 +160,7 @@ class QuantizationCallback(Callback):
             self.report = [m.qreport for m in pl_module.modules() if isinstance(m, QuantizedLayer)]
             return
         if stage != "fit":
-            self._unhook = quantize_on_restore(pl_module, self._set_report)
+            self._unhook = quantize_on_restore(pl_module, lambda r: setattr(self, "report", r))
             return
         example, source = self._example(trainer, pl_module, stage)
         self._input_spec = input_spec(example) if example is not None else None
@@ -200,10 +201,9 @@ class QuantizationCallback(Callback):
                           "QuantizationCallback(example_input=...) or input_fn=...", stacklevel=2)
             return None, where
 
-    def _set_report(self, report: list) -> None:
-        self.report = report
-
     def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self.oscillation is not None:
+            self.oscillation.detach()
         if self._unhook is not None:
             self._unhook()
             self._unhook = None
@@ -230,6 +230,7 @@ class QuantizationCallback(Callback):
             m = self.recipe.method
             self.lambda_schedule = ExponentialDecay(m.lambda_0, m.k, self.total_steps)
             self._set_lambda(pl_module, 0)
+        self.oscillation = OscillationControl.start(self, trainer, pl_module, PHASE_HARD)
         if self.mixed_precision and not pl_module.automatic_optimization:
             warnings.warn("mixed_precision under manual optimization: the resource loss is added "
                           "to what training_step returns, which manual optimization does not "
@@ -310,7 +311,9 @@ class QuantizationCallback(Callback):
     # ------------------------------------------------------------------ faults
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         """Stop, or skip the step (``faults.on_nonfinite: skip``), on a nan/inf gradient; fp16
-        loss scaling handles its own infs."""
+        loss scaling handles its own infs. First: ``oscillation`` (:mod:`.oscillation`)."""
+        if self.oscillation is not None:
+            self.oscillation.before_step(getattr(optimizer, "_optimizer", optimizer))
         if str(trainer.precision).startswith("16"):
             return
         if check_gradients(pl_module, optimizer, trainer.global_step,
@@ -374,6 +377,7 @@ class QuantizationCallback(Callback):
             for name, q in named_quantizers(pl_module):
                 out[f"qat_bits/{name}"] = float(q.bits)
                 out[f"qat_step/{name}"] = float(q.step_size.detach().float().mean())
+        out.update(self.oscillation.metrics(self.log_layers) if self.oscillation else {})
         return out
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -384,6 +388,7 @@ class QuantizationCallback(Callback):
         state = {"recipe": self.recipe.to_dict(), "recipe_hash": self.recipe.content_hash(),
                  "phase": self.phase, "versions": package_versions(),
                  "torch_rng": torch.get_rng_state()}
+        state["oscillation"] = self.oscillation.state_dict() if self.oscillation else {}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         return state
@@ -392,6 +397,7 @@ class QuantizationCallback(Callback):
         self._restored = state_dict
         self._check_restored()  # now if the recipe is fitted already, else in on_fit_start
         self.phase = state_dict.get("phase", PHASE_NOISE)
+        self._oscillation_state = state_dict.get("oscillation", {})
         if "torch_rng" in state_dict:
             torch.set_rng_state(state_dict["torch_rng"])
         if "cuda_rng" in state_dict and torch.cuda.is_available():

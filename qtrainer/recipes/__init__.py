@@ -24,6 +24,7 @@ from .registry import (
     unregister_recipe,
 )
 from .methods import method_section
+from .oscillation import Dampening, Freezing, Oscillation
 from .scaling import describe_length, scale_epochs
 from .schema import Recipe
 from .sections import (Bits, Distillation, Faults, FirstLast, LayerOverride, LRSchedule,
@@ -33,13 +34,16 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "RECIPE_PATH_ENV",
     "Bits",
+    "Dampening",
     "Distillation",
     "Faults",
     "FirstLast",
+    "Freezing",
     "LRSchedule",
     "LayerOverride",
     "MixedPrecision",
     "Optimizer",
+    "Oscillation",
     "Phases",
     "Recipe",
     "RecipeError",

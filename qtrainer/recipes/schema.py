@@ -21,6 +21,7 @@ from .checks import Int, Patterns, Text
 from .errors import ROOT, RecipeError
 from .fields import expect_mapping, parse_section, reject_unknown
 from .methods import Method, method_kwargs, parse_method
+from .oscillation import Oscillation, parse_oscillation
 from .sections import (NIPQ_PHASE_DEFAULTS, Bits, Distillation, Faults, FirstLast, LayerOverride,
                        LRSchedule, MixedPrecision, Optimizer, Phases, WeightDecay,
                        parse_overrides)
@@ -46,8 +47,8 @@ class Recipe:
         include: glob patterns of module names to quantize.
         exclude: glob patterns of module names never to quantize (wins over include).
         overrides: glob pattern -> per-layer settings.
-        optimizer, weight_decay, lr_schedule, phases, mixed_precision, distillation, faults:
-            the sections documented on their classes.
+        optimizer, weight_decay, lr_schedule, phases, mixed_precision, distillation, faults,
+            oscillation: the sections documented on their classes.
     """
 
     name: str
@@ -66,6 +67,7 @@ class Recipe:
     mixed_precision: MixedPrecision = field(default_factory=MixedPrecision)
     distillation: Distillation = field(default_factory=Distillation)
     faults: Faults = field(default_factory=Faults)
+    oscillation: Oscillation = field(default_factory=Oscillation)
 
     # ---------------------------------------------------------------- dict / yaml
 
@@ -102,6 +104,7 @@ class Recipe:
             "mixed_precision": lambda v: parse_section(MixedPrecision, v, "mixed_precision"),
             "distillation": lambda v: parse_section(Distillation, v, "distillation"),
             "faults": lambda v: parse_section(Faults, v, "faults"),
+            "oscillation": parse_oscillation,
         }
         values = {key: parse(d[key]) for key, parse in parsers.items() if key in d}
         recipe = cls(method=method, **values)
@@ -181,11 +184,12 @@ class Recipe:
                                                        "(method.b_min, method.b_max)")
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved recipe as plain YAML/JSON-able data (every key, defaults included)."""
+        """The resolved recipe as plain YAML/JSON-able data (every key, defaults included;
+        the ``oscillation`` section only where it differs from its defaults)."""
         def section(obj: Any) -> dict[str, Any]:
             return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj)}
 
-        return {
+        out = {
             "name": self.name,
             "version": self.version,
             "description": self.description,
@@ -203,6 +207,9 @@ class Recipe:
             "distillation": section(self.distillation),
             "faults": section(self.faults),
         }
+        if self.oscillation != Oscillation():
+            out["oscillation"] = self.oscillation.to_dict()
+        return out
 
     def to_yaml(self) -> str:
         """The resolved recipe as YAML text; ``load_recipe`` of it gives an equal recipe."""
