@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from . import backends, custom
+from .switches import use_triton
 
 _SEED_HIGH = 2**31 - 1
 
@@ -142,11 +143,20 @@ class _ContractFn(torch.autograd.Function):
         return (gx, None, None, *pg, *([None] * (len(tensors) - n)))
 
 
+def traceable(x: Tensor, p: Plan) -> bool:
+    """True when ``torch.compile`` can trace plan ``p``'s torch formulas (its autograd
+    function, forward and backward) rather than call its opaque custom op: the ``step``
+    contract without noise on the torch backend. Inductor then fuses the quantizer's pointwise
+    math with its neighbours; the noise (numpy, from a seed), NIPQ's host-read bounds and the
+    Triton kernels stay behind the custom ops."""
+    return p.contract == "step" and p.consts[3] == 0 and not use_triton(x)
+
+
 def apply(x: Tensor, p: Plan) -> Tensor:
     """Run plan ``p`` on ``x`` with autograd."""
     if p.contract == "identity":
         return x
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not traceable(x, p):
         return CONTRACTS[p.contract].op(x, *p.params, *p.aux, *p.consts)
     return _ContractFn.apply(x, p.contract, p.consts, *p.params, *p.aux)
 
