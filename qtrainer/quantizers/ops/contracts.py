@@ -146,10 +146,10 @@ class _ContractFn(torch.autograd.Function):
 def traceable(x: Tensor, p: Plan) -> bool:
     """True when ``torch.compile`` can trace plan ``p``'s torch formulas (its autograd
     function, forward and backward) rather than call its opaque custom op: the ``step``
-    contract without noise on the torch backend. Inductor then fuses the quantizer's pointwise
-    math with its neighbours; the noise (numpy, from a seed), NIPQ's host-read bounds and the
-    Triton kernels stay behind the custom ops."""
-    return p.contract == "step" and p.consts[3] == 0 and not use_triton(x)
+    contract (LSQ, tempering) on the torch backend. Inductor then fuses the quantizer's
+    pointwise math with its neighbours; tempering's noise draw (numpy, from a seed), NIPQ's
+    contracts (bounds read on the host) and the Triton kernels stay behind custom ops."""
+    return p.contract == "step" and not use_triton(x)
 
 
 def apply(x: Tensor, p: Plan) -> Tensor:
