@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from .. import formulas, kernels
-from . import custom
 from .switches import use_triton
 
 
@@ -44,11 +43,24 @@ def _keep(cache: dict | None, result):
     return y
 
 
+@torch.library.custom_op("qtrainer::tempering_noise", mutates_args=())
+def tempering_noise_op(seed: Tensor, like: Tensor, lam: Tensor, noise: int) -> Tensor:
+    """``formulas.tempering_noise``: ``lam * xi`` for noise code ``noise``, fp32 shaped like
+    ``like``, as an op that ``torch.compile`` calls rather than traces (numpy draws from the
+    int64 seed ``[1]``)."""
+    return formulas.tempering_noise(noise, seed, like, lam)
+
+
+@tempering_noise_op.register_fake
+def _(seed, like, lam, noise):
+    return torch.empty_like(like, dtype=torch.float32)
+
+
 def _tempering_noise(noise: int, seed: Tensor, x: Tensor, lam: Tensor) -> Tensor:
     """``formulas.tempering_noise`` (fp32 shaped like ``x``); while ``torch.compile`` traces,
-    behind its custom op (the formulas' pointwise math around it is traced and fused)."""
+    behind its op (the step formulas around it are traced, and fused by Inductor)."""
     if torch.compiler.is_compiling():
-        return custom.tempering_noise(seed, x, lam.float(), noise)
+        return tempering_noise_op(seed, x, lam.float(), noise)
     return formulas.tempering_noise(noise, seed, x, lam.float())
 
 

@@ -59,18 +59,6 @@ def _(grad, x, s, seed, lam, q_n, q_p, g, noise, need_x, need_params):
     return _fake_grads(x, s, s.numel(), need_x, need_params)
 
 
-@torch.library.custom_op("qtrainer::tempering_noise", mutates_args=())
-def tempering_noise(seed: Tensor, like: Tensor, lam: Tensor, noise: int) -> Tensor:
-    """``formulas.tempering_noise``: ``lam * xi`` for noise code ``noise``, fp32 shaped like
-    ``like`` (numpy draws from the int64 seed ``[1]``, which Dynamo does not trace)."""
-    return formulas.tempering_noise(noise, seed, like, lam.float())
-
-
-@tempering_noise.register_fake
-def _(seed, like, lam, noise):
-    return torch.empty_like(like, dtype=torch.float32)
-
-
 # -- NIPQ noise phase --------------------------------------------------------------------------
 
 @torch.library.custom_op("qtrainer::nipq_noise_lut", mutates_args=())
