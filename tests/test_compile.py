@@ -77,6 +77,38 @@ def test_fullgraph_compile_matches_eager(fused, backend, method, kw, recompute, 
         assert torch.allclose(g0[name], g1[name], rtol=1e-6, atol=1e-7), name
 
 
+@pytest.mark.skipif(INTERP, reason="the Triton kernels stay behind their custom ops")
+@pytest.mark.parametrize("method,kw", [("lsq", {}), ("tempering", {"noise_dist": "gaussian"})])
+def test_compile_traces_the_step_formulas(method, kw):
+    """On the torch backend the step contract (LSQ, tempering) is traced, forward and backward,
+    as aten ops that Inductor can fuse with the conv/BN/ReLU around it, rather than called as
+    an opaque custom op; only tempering's noise draw stays one. Forward bit-identical to
+    eager, gradients within fp32 rounding, no graph break."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    targets = set()
+
+    def record(gm, example_inputs):
+        targets.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm)
+
+    model, x = _model(method, kw)
+    with ops.options(fused="on", backend="torch"):
+        torch._dynamo.reset()
+        counters.clear()
+        backend = aot_autograd(fw_compiler=record, bw_compiler=record)
+        compiled = torch.compile(model, backend=backend, fullgraph=True)
+        y0, g0 = _step(model, x, 1)
+        y1, g1 = _step(compiled, x, 1)
+        assert not counters["graph_break"]
+    assert not any("step_fake_quant" in t for t in targets)
+    assert any("tempering_noise" in t for t in targets) == (method == "tempering")
+    assert torch.equal(y0, y1)
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], rtol=1e-6, atol=1e-7), name
+
+
 def test_tempering_schedule_does_not_recompile_with_a_lambda_tensor():
     """A quantizer carrying ``lambda_tensor`` (kept equal to ``lambda_``) lets the schedule
     change the noise weight every step without recompiling (or re-recording a CUDA graph)."""

@@ -70,8 +70,11 @@ def inside_grad(grad: Tensor, v: Tensor, lo: float, hi: float, out: Tensor | Non
 
 def dot_rows(a: Tensor, b: Tensor, rows: int) -> Tensor:
     """``sum(a * b)`` of fp32 tensors in fp32 (never an autocast matmul): shape ``[rows]``,
-    one sum per slice of dim 0 (per-channel weights) or one in all."""
-    if rows == 1 and a.is_contiguous() and b.is_contiguous():
+    one sum per slice of dim 0 (per-channel weights) or one in all. Traced by
+    ``torch.compile``, a product and a sum (``dot`` of flat views would fix the logical
+    element order: Inductor's channels-last buffers then give a scalar loop with index
+    arithmetic instead of a vectorized reduction in memory order)."""
+    if rows == 1 and a.is_contiguous() and b.is_contiguous() and not torch.compiler.is_compiling():
         return torch.dot(a.view(-1), b.view(-1)).reshape(1)
     p = a * b
     return p.sum().reshape(1) if rows == 1 else p.reshape(rows, -1).sum(1)

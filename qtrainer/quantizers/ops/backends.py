@@ -13,6 +13,7 @@ otherwise. The Triton path leaves it empty (its kernels recompute both in regist
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .. import formulas, kernels
@@ -42,11 +43,32 @@ def _keep(cache: dict | None, result):
     return y
 
 
+@torch.library.custom_op("qtrainer::tempering_noise", mutates_args=())
+def tempering_noise_op(seed: Tensor, like: Tensor, lam: Tensor, noise: int) -> Tensor:
+    """``formulas.tempering_noise``: ``lam * xi`` for noise code ``noise``, fp32 shaped like
+    ``like``, as an op that ``torch.compile`` calls rather than traces (numpy draws from the
+    int64 seed ``[1]``)."""
+    return formulas.tempering_noise(noise, seed, like, lam)
+
+
+@tempering_noise_op.register_fake
+def _(seed, like, lam, noise):
+    return torch.empty_like(like, dtype=torch.float32)
+
+
+def _tempering_noise(noise: int, seed: Tensor, x: Tensor, lam: Tensor) -> Tensor:
+    """``formulas.tempering_noise`` (fp32 shaped like ``x``); while ``torch.compile`` traces,
+    behind its op (the step formulas around it are traced, and fused by Inductor)."""
+    if torch.compiler.is_compiling():
+        return tempering_noise_op(seed, x, lam.float(), noise)
+    return formulas.tempering_noise(noise, seed, x, lam.float())
+
+
 def step_forward(x: Tensor, s: Tensor, seed, lam, q_n: int, q_p: int, g: float, noise: int,
                  cache: dict | None = None) -> Tensor:
     if use_triton(x):
         return kernels.step().forward(x, s, q_n, q_p, lam, noise, seed)
-    xil = (_noise(cache, lambda: formulas.tempering_noise(noise, seed, x, lam.float()))
+    xil = (_noise(cache, lambda: _tempering_noise(noise, seed, x, lam))
            if noise else None)
     return _keep(cache, formulas.step_forward(x, s, q_n, q_p, noise, xil,
                                               keep_clip=cache is not None))
@@ -57,7 +79,7 @@ def step_backward(grad: Tensor, x: Tensor, s: Tensor, seed, lam, q_n: int, q_p: 
     if use_triton(x):
         return kernels.step().backward(grad, x, s, q_n, q_p, g, lam, noise, seed, need_x,
                                        need_params)
-    xil = (_noise(cache, lambda: formulas.tempering_noise(noise, seed, x, lam.float()))
+    xil = (_noise(cache, lambda: _tempering_noise(noise, seed, x, lam))
            if noise and need_params else None)
     return formulas.step_backward(grad, x, s, q_n, q_p, g, noise, xil, need_x, need_params,
                                   clip=_clip(cache))

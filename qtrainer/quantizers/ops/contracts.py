@@ -22,8 +22,9 @@ group (``x``'s elements in row-major order cut into ``R`` equal contiguous group
 quantization. The formulas are in :mod:`qtrainer.quantizers.formulas` (torch) and
 :mod:`qtrainer.quantizers.kernels` (Triton).
 
-:func:`apply` runs a plan with autograd (a plain autograd function in eager code, the custom
-ops while ``torch.compile`` traces); :func:`recompute` and :func:`backward` are a plan's forward
+:func:`apply` runs a plan with autograd (a plain autograd function in eager code and, traced,
+for the ``step`` contract on the torch backend under ``torch.compile``; the custom ops for the
+rest under ``torch.compile``); :func:`recompute` and :func:`backward` are a plan's forward
 without autograd and its gradient at an input (used by the recomputing layers).
 """
 
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor
 
 from . import backends, custom
+from .switches import use_triton
 
 _SEED_HIGH = 2**31 - 1
 
@@ -142,11 +144,20 @@ class _ContractFn(torch.autograd.Function):
         return (gx, None, None, *pg, *([None] * (len(tensors) - n)))
 
 
+def _traceable(x: Tensor, p: Plan) -> bool:
+    """True when ``torch.compile`` can trace plan ``p``'s torch formulas (its autograd
+    function, forward and backward) rather than call its opaque custom op: the ``step``
+    contract (LSQ, tempering) on the torch backend. Inductor then fuses the quantizer's
+    pointwise math with its neighbours; tempering's noise draw (numpy, from a seed), NIPQ's
+    contracts (bounds read on the host) and the Triton kernels stay behind custom ops."""
+    return p.contract == "step" and not use_triton(x)
+
+
 def apply(x: Tensor, p: Plan) -> Tensor:
     """Run plan ``p`` on ``x`` with autograd."""
     if p.contract == "identity":
         return x
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not _traceable(x, p):
         return CONTRACTS[p.contract].op(x, *p.params, *p.aux, *p.consts)
     return _ContractFn.apply(x, p.contract, p.consts, *p.params, *p.aux)
 
