@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .nn import QuantizedLayer
+from .quantizers.formulas import dequantize
 
 
 def flip_step(prev_code: torch.Tensor, prev_dir: torch.Tensor, freq: torch.Tensor,
@@ -61,8 +62,13 @@ def quantized_weights(model: nn.Module) -> dict[str, QuantizedLayer]:
 
 def weight_codes(layer: QuantizedLayer) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, scale)`` of the layer's latent weight: integer codes (float tensor) and the
-    scale broadcasting against the weight (``codes * scale`` is the hard-quantized weight)."""
-    return layer.weight_quantizer.int_codes(layer.weight.detach())
+    scale broadcasting against the weight (``codes * scale`` is the hard-quantized weight):
+    one step ``[1]``, one per channel ``[C, 1, ...]``, or for group-wise steps (``[R]``, one
+    per group) each element's step, shaped like the weight."""
+    codes, scale = layer.weight_quantizer.int_codes(layer.weight.detach())
+    if scale.numel() > 1 and scale.dim() != codes.dim():  # one step per group
+        scale = dequantize(torch.ones_like(codes), scale)
+    return codes, scale
 
 
 def boundary_distance(layer: QuantizedLayer, exclude: torch.Tensor | None = None) -> float:

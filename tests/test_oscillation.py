@@ -133,6 +133,30 @@ def test_dampening_gradient_matches_its_formula(aggregation):
     assert q.step.grad is None  # range learning untouched
 
 
+def test_group_wise_steps_track_and_dampen_per_element():
+    """With one step per group of input elements (granularity: group) the tracker, the boundary
+    distance and dampening's gradient use each element's own group step."""
+    torch.manual_seed(1)
+    lin = nn.Linear(32, 8)
+    q = LSQQuantizer(bits=2, signed=True, granularity="group", group_size=16, shape=(8, 32))
+    q.initialize(lin.weight.detach())
+    layer = QuantLinear.from_float(lin, q, None)
+    s = q.step.detach().view(8, 2, 1).expand(8, 2, 16).reshape(8, 32)  # each element's step
+    v = layer.weight.detach() / s
+    inside = (v > -2) & (v < 1)
+    expected = (0.5 - (v - torch.round(v)).abs())[inside].mean()
+    assert boundary_distance(layer) == pytest.approx(float(expected), abs=1e-6)
+    w = layer.weight
+    w_hat = torch.round(torch.clamp(w.detach() / s, -2, 1)) * s
+    loss = 0.5 * (w_hat - torch.clamp(w, -2 * s, s)).square().sum(0).mean()
+    (expected_grad,) = torch.autograd.grad(loss, w)
+    add_dampening_gradient(layer, 0.5)
+    torch.testing.assert_close(layer.weight.grad, expected_grad, rtol=1e-6, atol=1e-9)
+    tracker = OscillationTracker(nn.Sequential(layer))
+    tracker.update()
+    assert tracker.state["0"].prev_code.shape == (8, 32)
+
+
 # ----------------------------------------------------------------------------- freezing
 
 
