@@ -152,7 +152,7 @@ BITS_BAD = [-4, 0, 1, 17, 32, 64, *HUGE[:4], *INT_WRONG_TYPE]
 # (key path, bad values) valid for every method
 COMMON_BAD: list[tuple[str, list]] = [
     ("bits.weight", BITS_BAD),
-    ("bits.activation", BITS_BAD),
+    ("bits.activation", [v for v in BITS_BAD if v is not None]),  # null/none: weight-only
     ("first_last.bits", [-8, 0, 1, 17, 99, 10 ** 30, "FP", "same ", "f\u0440", 8.0, True, None, [8]]),
     ("version", [0, -1, 10 ** 7, 1.0, "1", None]),
     ("name", ["my recipe", "", "-lead", "r\u00e9cipe", "\u30ec\u30b7\u30d4", "x" * 101, "a/b", 3, None,
