@@ -12,6 +12,7 @@ limit only keeps an abandoned probe from waiting forever).
 """
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,9 @@ class PauseForSignal(Callback):
 
 
 runner.EXTRA_CALLBACKS.append(PauseForSignal)
+# A run started from a background job of a non-interactive shell inherits SIGINT ignored, and
+# Python then installs no KeyboardInterrupt handler: restore it, as an interactive Ctrl-C has.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if __name__ == "__main__":
     sys.exit(app())
