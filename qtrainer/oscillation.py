@@ -60,13 +60,15 @@ def quantized_weights(model: nn.Module) -> dict[str, QuantizedLayer]:
             and m.weight_quantizer.enabled}
 
 
-def weight_codes(layer: QuantizedLayer) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_codes(layer: QuantizedLayer,
+                 broadcast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, scale)`` of the layer's latent weight: integer codes (float tensor) and the
     scale broadcasting against the weight (``codes * scale`` is the hard-quantized weight):
     one step ``[1]``, one per channel ``[C, 1, ...]``, or for group-wise steps (``[R]``, one
-    per group) each element's step, shaped like the weight."""
+    per group) each element's step, shaped like the weight. ``broadcast=False``: the scale as
+    the quantizer gives it (a caller that needs only the codes skips the expansion)."""
     codes, scale = layer.weight_quantizer.int_codes(layer.weight.detach())
-    if scale.numel() > 1 and scale.dim() != codes.dim():  # one step per group
+    if broadcast and scale.numel() > 1 and scale.dim() != codes.dim():  # one step per group
         scale = dequantize(torch.ones_like(codes), scale)
     return codes, scale
 
@@ -178,7 +180,7 @@ class OscillationTracker:
         then write the frozen elements' latent weights (:meth:`apply_frozen`)."""
         m = self.momentum
         for name in self.layers if names is None else names:
-            codes, _ = weight_codes(self.layers[name])
+            codes, _ = weight_codes(self.layers[name], broadcast=False)
             st = self.state.get(name)
             if st is None or st.prev_code.shape != codes.shape:
                 self._init(name, codes)
