@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_lib import (MODELS, ROOT, VARIANTS, aten_ops, build, cleanup, clock_for,  # noqa: E402
-                       count_launches, make_step, median, peak_mb, profile_variants, saved_mb,
+                       count_launches, make_step, median, peak_mb, profile_step, saved_mb,
                        timed_rounds, torchao_available)
 
 from qtrainer.nn import named_quantizers  # noqa: E402
@@ -86,6 +86,8 @@ def run_mode(name, mode, variants, args, device) -> list[dict]:
         if ts:
             ms = sorted(t * 1e3 for t in ts)
             row.update(ms_per_step=median(ms), ms_min=ms[0], ms_max=ms[-1], rounds=len(ms))
+        if args.profile and mode == "eager" and row["variant"] in steps:
+            row["profile"] = profile_step(steps[row["variant"]])
     steps.clear()
     cleanup(device)
     return rows
@@ -135,8 +137,8 @@ def parse_args(argv=None):
     p.add_argument("--no-launches", dest="launches", action="store_false", default=True,
                    help="skip counting Triton launches through the interpreter")
     p.add_argument("--profile", action="store_true",
-                   help="also profile one eager step of each variant (top operators by self "
-                        "CPU time)")
+                   help="also profile three eager steps of each variant after its timing (top "
+                        "operators by self CPU time)")
     p.add_argument("--check-only", action="store_true", help="run the device checks and stop")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="combine earlier result files (rows, checks, micro) into --json")
@@ -279,9 +281,10 @@ def main(argv=None) -> int:
                       + (row["error"] if "error" in row else
                          f"{row.get('ms_per_step', float('nan')):.2f} ms/step"), flush=True)
     add_ratios(result["rows"], result["launches"])
-    if args.profile:
-        result["profile"] = {name: profile_variants(name, args.variants, args, device)
-                             for name in args.models}
+    for row in result["rows"]:  # the eager steps' profiles, by model and variant
+        if "profile" in row:
+            result.setdefault("profile", {}).setdefault(row["model"], {})[row["variant"]] = \
+                row.pop("profile")
     if args.micro:
         from speed_checks import run_micro
 

@@ -295,36 +295,20 @@ def _launches_main(variants: list[str]) -> None:
 
 
 
-def profile_variants(name: str, variants, args, device, top: int = 10, steps: int = 3) -> dict:
-    """Where each variant's training step spends its time: ``{variant: [{"op", "share",
-    "calls_per_step"}, ...]}``, the ``top`` operators by self CPU time (share of the step's
-    total self CPU time) over ``steps`` profiled steps after two warm-up steps (eager mode)."""
+def profile_step(step, top: int = 10, steps: int = 3) -> list[dict]:
+    """Where a (warmed-up) training step spends its time: the ``top`` operators by self CPU
+    time over ``steps`` profiled steps, ``[{"op", "share", "calls_per_step"}, ...]`` with
+    ``share`` the fraction of the steps' total self CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
-    size = args.size or (64 if name == "resnet18" else 32)
-    out = {}
-    for variant in variants:
-        model = build(name, variant, device, size, args.channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        x = torch.randn(args.batch, 3, size, size, device=device)
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, 10, (args.batch,), device=device)
-        step = make_step(model, opt, x, y, args.amp_dtype, device, False,
-                         VARIANTS[variant].get("fused", "auto"))
-        for _ in range(2):
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
             step()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                step()
-        events = prof.key_averages()
-        total = sum(e.self_cpu_time_total for e in events) or 1.0
-        ranked = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
-        out[variant] = [{"op": e.key, "share": e.self_cpu_time_total / total,
-                         "calls_per_step": e.count / steps} for e in ranked]
-        del model, opt
-        cleanup(device)
-    return out
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    ranked = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    return [{"op": e.key, "share": e.self_cpu_time_total / total,
+             "calls_per_step": e.count / steps} for e in ranked]
 
 
 def median(values):
