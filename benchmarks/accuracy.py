@@ -66,6 +66,8 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # this checkout's qtrainer, whatever else is installed
     sys.path.insert(0, str(ROOT))
 DEFAULT_ROWS = HERE / "accuracy_rows.yaml"
+PRESETS = {"gpu": DEFAULT_ROWS, "cpu": HERE / "accuracy_cpu_rows.yaml"}
+"""``--preset``: the rows file (and so the benchmark) of each preset."""
 SCHEMA_VERSION = 1
 
 
@@ -97,12 +99,15 @@ def load_plan(path: Path, quick: bool) -> dict:
     if len(set(names)) != len(names) or "fp" in names:
         raise SystemExit(f"{path}: row names must be unique and not 'fp'")
     plan["mode"] = "quick" if quick else "full"
+    plan.setdefault("benchmark", "cifar10-resnet20-accuracy")
+    plan.setdefault("title", plan["benchmark"])
+    plan.setdefault("processes", 1)
     plan["all_rows"] = list(plan["rows"])
     if quick:
         q = plan.get("quick") or {}
         plan["common"] = {**plan["common"], **(q.get("common") or {})}
         plan["fp"] = {**plan["fp"], "overrides": {**plan["fp"]["overrides"], **(q.get("fp") or {})}}
-        for key in ("qat_epochs", "qat_epochs_min", "qat_epochs_max"):
+        for key in ("qat_epochs", "qat_epochs_min", "qat_epochs_max", "processes"):
             if key in q:
                 plan[key] = q[key]
         wanted = q.get("rows") or names
@@ -114,10 +119,11 @@ def load_plan(path: Path, quick: bool) -> dict:
 
 
 def device_overrides(device: str) -> dict:
-    """Where the run happens: ``trainer.accelerator`` and the DeviceLoader's ``data.device``;
-    CPU runs in fp32 (bf16 autocast on a CPU is slow and not what the table measures)."""
+    """Where the run happens: ``trainer.accelerator`` and the DeviceLoader's ``data.device``.
+    The precision is the rows file's (bf16 autocast is 1.6-1.9x faster than fp32 on a CPU with
+    avx512_bf16; the GPU table's quick mode sets 32-true)."""
     if device == "cpu":
-        return {"trainer.accelerator": "cpu", "data.device": "cpu", "trainer.precision": "32-true"}
+        return {"trainer.accelerator": "cpu", "data.device": "cpu"}
     return {"trainer.accelerator": "gpu", "data.device": "cuda"}
 
 
@@ -218,14 +224,16 @@ def make_jobs(plan: dict, out_dir: Path, device: str, qat_epochs: int | None,
 # ----------------------------------------------------------------------------- results file
 
 
-def read_results(path: Path, mode: str) -> dict:
+def read_results(path: Path, mode: str, benchmark: str = "cifar10-resnet20-accuracy") -> dict:
     if not path.is_file():
-        return {"schema": SCHEMA_VERSION, "benchmark": "cifar10-resnet20-accuracy", "mode": mode,
-                "rows": {}}
+        return {"schema": SCHEMA_VERSION, "benchmark": benchmark, "mode": mode, "rows": {}}
     data = json.loads(path.read_text())
     if data.get("mode") != mode:
         raise SystemExit(f"{path} holds a {data.get('mode')!r} table; this is a {mode!r} run "
                          "(use another --out)")
+    if data.get("benchmark", "cifar10-resnet20-accuracy") != benchmark:
+        raise SystemExit(f"{path} holds the {data.get('benchmark')!r} table; this is "
+                         f"{benchmark!r} (use another --out)")
     data.setdefault("rows", {})
     return data
 
@@ -379,9 +387,9 @@ def _fp_record(job: Job, echo) -> dict:
     validation and test accuracy."""
     import lightning.pytorch as pl
 
-    from qtrainer.lit_module import ClassificationModule
     from qtrainer.lightning_setup import evaluate_module
     from qtrainer.run import prepare, pretrain, write_json
+    from qtrainer.run.runner import fp_module
 
     cfg = job.load()
     out = cfg.output_dir
@@ -403,7 +411,7 @@ def _fp_record(job: Job, echo) -> dict:
         resumed = last.is_file() and not (out / "fp.ckpt").is_file()
         rec = pretrain(model, bundle, cfg, out, resume=resumed, echo=echo)
         trainer_kwargs = {k: v for k, v in cfg.trainer.items() if k != "max_epochs"}
-        module = ClassificationModule(model, bundle.num_classes)
+        module = fp_module(model, bundle, cfg)
         val = evaluate_module(module, bundle.val_loader(), trainer_kwargs) \
             if bundle.val is not None else None
     finally:
@@ -415,6 +423,50 @@ def _fp_record(job: Job, echo) -> dict:
             "epochs": rec["epochs"], "wall_time_s": rec["wall_time_s"], "resumed": resumed,
             "bits": "32/32", "avg_weight_bits": 32.0, "avg_act_bits": 32.0,
             "precision": cfg.trainer.get("precision")}
+
+
+MODE_GAP_BATCHES = 20
+
+
+def mode_gap(cfg) -> dict:
+    """BatchNorm's part of a train/eval gap: top-1 (%) of a run's last checkpoint on
+    :data:`MODE_GAP_BATCHES` augmented training batches (a fixed epoch's) with BN batch
+    statistics (``train_mode_acc``, what training sees) and with its running statistics
+    (``eval_mode_acc``, what is evaluated), quantizers hard in both, fp32;
+    ``mode_gap = train_mode_acc - eval_mode_acc`` in points. Batch statistics are read, never
+    written: the running statistics are restored."""
+    import torch
+
+    from qtrainer.run import bundle_loaders, load_checkpoint_model
+    from qtrainer.surgery import set_quantizers
+
+    threads = torch.get_num_threads()
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        module, bundle, _ = load_checkpoint_model(cfg.output_dir / "checkpoints" / "last.ckpt",
+                                                  cfg)
+        model = module.model
+        set_quantizers(model, hard=True)
+        loader = bundle_loaders(bundle, cfg.seed)[0]
+        for obj in (loader, getattr(loader, "sampler", None)):
+            if callable(getattr(obj, "set_epoch", None)):
+                obj.set_epoch(10_000)
+        batches = [b for _, b in zip(range(MODE_GAP_BATCHES), loader)]
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        acc = {}
+        with torch.no_grad():
+            for name, training in (("train_mode_acc", True), ("eval_mode_acc", False)):
+                model.train(training)
+                right = total = 0
+                for x, y in batches:
+                    right += int((model(x).argmax(1) == y).sum())
+                    total += len(y)
+                acc[name] = 100.0 * right / total
+                model.load_state_dict(saved)
+    finally:
+        torch.set_num_threads(threads)
+    return {**acc, "mode_gap": acc["train_mode_acc"] - acc["eval_mode_acc"]}
 
 
 def _qat_record(job: Job, echo) -> dict:
@@ -436,20 +488,23 @@ def _qat_record(job: Job, echo) -> dict:
     s = result.jobs[0].summary
     resumed = resumed or result.jobs[0].skipped
     r = cfg.recipe
-    return {"test_acc": s["quantized_acc"], "val_acc": _last_val_acc(cfg.output_dir),
+    osc = s.get("oscillation") or {}  # weight oscillation at the end (issue #15)
+    return {**mode_gap(cfg), "test_acc": s["quantized_acc"],
+            "val_acc": _last_val_acc(cfg.output_dir),
             "fp_test_acc": s.get("fp_acc"), "epochs": s["epochs"],
             "wall_time_s": s["wall_time_s"], "resumed": resumed,
             "recipe": r.name, "recipe_hash": r.content_hash(), "method": r.method.name,
             "bits": f"{r.bits.weight}/{r.bits.activation}",
             "avg_weight_bits": s.get("avg_weight_bits"), "avg_act_bits": s.get("avg_act_bits"),
             "size_mb": s.get("size_mb"), "gbops": s.get("gbops"),
+            "oscillating": osc.get("oscillating"), "frozen": osc.get("frozen"),
             "precision": cfg.trainer.get("precision")}
 
 
 def run_job(job: Job, device: str, fp: dict | None, echo, expected: float | None) -> dict | None:
     """Run one job; its JSON record, or None when the time limit stopped it (resumable)."""
     CLOCK.start_job(job.output_dir, expected)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         rec = _fp_record(job, echo) if job.is_fp else _qat_record(job, echo)
     except SystemExit:  # Lightning's answer to the KeyboardInterrupt of the time limit
@@ -457,6 +512,7 @@ def run_job(job: Job, device: str, fp: dict | None, echo, expected: float | None
             return None
         raise
     wall = time.perf_counter() - start
+    rec["cpu_time_s"] = time.process_time() - cpu_start  # this process's CPU, all threads
     epochs = rec["epochs"]
     rec.update(CLOCK.summary())
     rec.update(
@@ -510,7 +566,8 @@ def _groups(data: dict, order: list[str]) -> list[dict]:
                                "method": recs[0].get("method_label"),
                                "label": recs[0].get("label")}
         for key in ("val_acc", "test_acc", "delta_val", "delta_test", "time_per_epoch_s",
-                    "avg_weight_bits", "avg_act_bits", "epochs"):
+                    "avg_weight_bits", "avg_act_bits", "epochs", "mode_gap", "cpu_time_s",
+                    "oscillating"):
             values = [r.get(key) for r in recs if r.get(key) is not None]
             agg[key] = sum(values) / len(values) if values else None
             agg[f"{key}_range"] = (min(values), max(values)) if len(values) > 1 else None
@@ -532,24 +589,68 @@ def _cell(g: dict, key: str, scale: float = 100.0, fmt: str = ".2f", sign: bool 
     return text
 
 
-def targets(data: dict) -> list[tuple[str, bool | None, str]]:
-    """The issue's targets on test top-1: (description, met (None: rows missing), figures)."""
+def _checks(data: dict):
+    """``(mean, values, check, out)``: the mean over a row's seeds of a record field (test
+    top-1 in %), the per-seed values, and a recorder of (text, met, figures) into ``out``."""
     rows = data["rows"]
 
-    def mean(name: str, key: str = "test_acc") -> float | None:
-        values = [r[key] for r in rows.values() if r.get("row") == name and r.get(key) is not None]
-        return 100 * sum(values) / len(values) if values else None
+    def values(name: str, key: str = "test_acc", scale: float = 100.0) -> list[float]:
+        return [scale * r[key] for r in sorted(rows.values(), key=lambda r: r.get("seed", 0))
+                if r.get("row") == name and r.get(key) is not None]
 
-    fp = mean("fp")
+    def mean(name: str, key: str = "test_acc", scale: float = 100.0) -> float | None:
+        v = values(name, key, scale)
+        return sum(v) / len(v) if v else None
+
     out: list[tuple[str, bool | None, str]] = []
 
-    def check(text: str, values: list[float | None], ok) -> None:
-        if any(v is None for v in values):
+    def check(text: str, figures: list[float | None], ok) -> None:
+        if any(v is None for v in figures):
             out.append((text, None, "rows missing"))
             return
-        met = bool(ok(*values))
-        out.append((text, met, ", ".join(f"{v:.2f}" for v in values)))
+        out.append((text, bool(ok(*figures)), ", ".join(f"{v:.2f}" for v in figures)))
 
+    return mean, values, check, out
+
+
+def targets_cpu(data: dict) -> list[tuple[str, bool | None, str]]:
+    """Issue #12's targets on the CPU preset (test top-1, means of two seeds)."""
+    mean, values, check, out = _checks(data)
+    fp = mean("fp")
+    check("FP >= 80.0%", [fp], lambda f: f >= 80.0)
+    check("NIPQ W2A2 >= LSQ W2A2 - 0.3 (means of two seeds)",
+          [mean("nipq-w2a2"), mean("lsq-w2a2")], lambda n, s: n >= s - 0.3)
+    seeds = values("nipq-w2a2")
+    check("NIPQ W2A2: its two seeds within 1.0 point",
+          [max(seeds) - min(seeds) if len(seeds) == 2 else None], lambda d: d <= 1.0)
+    gaps = values("nipq-w2a2", "mode_gap", 1.0)
+    check("NIPQ W2A2: train/eval (BN mode) gap <= 1 point, each seed",
+          [max(gaps, key=abs) if len(gaps) == 2 else None], lambda g: abs(g) <= 1.0)
+    check("NIPQ MP 3.0 bits >= LSQ W3A3", [mean("nipq-mp-3bit"), mean("lsq-w3a3")],
+          lambda n, s: n >= s)
+    check("NIPQ MP 3.0: final average W and A bits within 0.1 of 3.0",
+          [mean("nipq-mp-3bit", "avg_weight_bits", 1.0), mean("nipq-mp-3bit", "avg_act_bits", 1.0)],
+          lambda w, a: abs(w - 3.0) <= 0.1 and abs(a - 3.0) <= 0.1)
+    for m in ("lsq", "tempering", "nipq"):
+        check(f"{m} W4A4 >= FP - 0.5", [mean(f"{m}-w4a4"), fp], lambda a, f: a >= f - 0.5)
+    check("tempering W2A2 >= LSQ W2A2 (means of two seeds)",
+          [mean("tempering-w2a2"), mean("lsq-w2a2")], lambda t, s: t >= s)
+    # issue #15: the better of dampening and freezing, with a lower oscillating fraction
+    best = max(("lsq-damp-w2a2", "lsq-freeze-w2a2"), key=lambda r: mean(r) or -1.0)
+    check(f"#15: best of LSQ+damp/freeze W2A2 ({best}) >= LSQ W2A2 + 0.3 (means of two seeds)",
+          [mean(best), mean("lsq-w2a2")], lambda b, s: b >= s + 0.3)
+    check(f"#15: {best} oscillating fraction (%) < LSQ W2A2's",
+          [mean(best, "oscillating"), mean("lsq-w2a2", "oscillating")], lambda b, s: b < s)
+    return out
+
+
+def targets(data: dict) -> list[tuple[str, bool | None, str]]:
+    """The issue's targets on test top-1: (description, met (None: rows missing), figures)."""
+    if data.get("benchmark") == "cifar10-resnet9-cpu-accuracy":
+        return targets_cpu(data)
+    rows = data["rows"]
+    mean, _, check, out = _checks(data)
+    fp = mean("fp")
     check("FP >= 90.0%", [fp], lambda f: f >= 90.0)
     for m in ("lsq", "tempering", "nipq"):
         check(f"{m} W4A4 >= FP - 0.2", [mean(f"{m}-w4a4"), fp], lambda a, f: a >= f - 0.2)
@@ -575,7 +676,7 @@ def markdown(data: dict, order: list[str]) -> str:
     groups = _groups(data, ["fp", *order])
     env = data.get("environment", {})
     lines = [
-        "### CIFAR-10 ResNet-20: accuracy by method and bit-width (issue #5)",
+        f"### {data.get('title', 'CIFAR-10 ResNet-20: accuracy by method and bit-width (issue #5)')}",
         "",
         f"Device: {env.get('device', '?')}; {env.get('precision', '?')}; batch "
         f"{env.get('batch_size', '?')}; data {env.get('data', '?')}; torch "
@@ -584,24 +685,32 @@ def markdown(data: dict, order: list[str]) -> str:
         f"training images (choices are made on it), test = {env.get('test_images', '?')} test "
         "images. Two-seed rows: mean (min..max). Deltas in points vs the FP model on the same "
         "split. s/epoch = wall time of a training epoch with its validation (mean over the "
-        "epochs, the first one's compilation and autotuning included).",
+        "epochs, the first one's compilation and autotuning included); CPU min = the job's "
+        "process CPU time (all its threads; on a shared machine, the work done independently "
+        "of the others' load). BN gap = top-1 on 20 augmented training batches with BatchNorm "
+        "batch statistics minus with its running statistics (quantizers hard in both; the "
+        "train/eval gap a noise->hard switch or oscillation would open). osc = the fraction of "
+        "weights whose oscillation frequency ends above the tracker's threshold (issue #15; "
+        "oscillation.threshold, 0.05 by default; '-' where a row does not track).",
         "",
         "| row | method | bits | seeds | val top-1 | test top-1 | vs FP (test) | vs FP (val) "
-        "| epochs | s/epoch | avg W/A bits | device |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| epochs | s/epoch | CPU min | avg W/A bits | BN gap | osc % | device |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g in groups:
         bits = "-" if g["avg_weight_bits"] is None else \
             f"{g['avg_weight_bits']:.2f}/{g['avg_act_bits']:.2f}"
         epochs = "-" if g["epochs"] is None else f"{g['epochs']:.0f}"
         tpe = _cell(g, "time_per_epoch_s", 1.0, ".1f")
+        cpu = _cell(g, "cpu_time_s", 1 / 60, ".1f")
         is_fp = g["row"] == "fp"
         lines.append(" | ".join([
             f"| {g['row']}", str(g["method"]), str(g["label"]), str(g["n"]),
             _cell(g, "val_acc"), _cell(g, "test_acc"),
             "-" if is_fp else _cell(g, "delta_test", 1.0, sign=True),
             "-" if is_fp else _cell(g, "delta_val", 1.0, sign=True),
-            epochs, tpe, bits, g["device"]]) + " |")
+            epochs, tpe, cpu, bits, _cell(g, "mode_gap", 1.0, sign=True),
+            _cell(g, "oscillating", 100.0, ".2f"), g["device"]]) + " |")
     lines += ["", "Targets (test top-1):", "", "| target | met | figures |", "|---|---|---|"]
     for text, met, figures in targets(data):
         mark = "n/a" if met is None else ("yes" if met else "**no**")
@@ -611,6 +720,12 @@ def markdown(data: dict, order: list[str]) -> str:
     for g in groups:
         for r in g["records"]:
             lines.append(f"- `{r['name']}`: `{r['command']}`")
+    calls = [c for c in data.get("calls", []) if c.get("wall_s") is not None]
+    if calls:
+        wall = sum(c["wall_s"] for c in calls) / 60
+        lines += ["", f"Wall time: {wall:.1f} min in {len(calls)} call(s) of the script "
+                      f"({', '.join(str(c.get('processes', 1)) for c in calls)} process(es) at "
+                      f"a time); process CPU time of all jobs: {cpu_minutes(data):.1f} min."]
     lines += ["", f"Whole table: `{data.get('command', '?')}`", ""]
     return "\n".join(lines)
 
@@ -711,13 +826,117 @@ def _set_qat_epochs(jobs: list[Job], epochs: int) -> None:
             job.overrides["trainer.max_epochs"] = epochs
 
 
+# ----------------------------------------------------------------------------- processes
+
+
+RECORD = "record.json"
+"""A worker's result, in its job's folder; the parent merges it into --out."""
+
+
+def cpu_minutes(data: dict) -> float:
+    """Process-CPU minutes of every job in the results (FP and QAT)."""
+    return sum(r.get("cpu_time_s") or 0.0 for r in data["rows"].values()) / 60
+
+
+def _worker(args, jobs: list[Job], device: str, out: Path, plan: dict) -> int:
+    """``--job KEY``: run that one QAT job in this process and write its record to
+    ``<job dir>/record.json`` (the parent, which alone writes --out, merges it). Exit code 0,
+    or 3 when ``--time-limit`` stopped it (resumable)."""
+    import qtrainer.run.runner as runner
+    from qtrainer.lightning_setup import quiet_lightning
+
+    by_key = {j.key: j for j in jobs}
+    if args.job not in by_key or by_key[args.job].is_fp:
+        raise SystemExit(f"--job: no QAT job {args.job!r}; jobs: {', '.join(by_key)}")
+    job = by_key[args.job]
+    job.fresh = args.fresh
+    fp = read_results(out, plan["mode"], plan["benchmark"])["rows"].get("fp")
+    if fp is None:
+        raise SystemExit(f"--job {job.key}: {out} holds no FP row yet")
+    quiet_lightning()
+    CLOCK.deadline = None if args.time_limit is None else time.monotonic() + args.time_limit
+    runner.EXTRA_CALLBACKS.append(_clock_callback)
+    try:
+        rec = run_job(job, device, fp, lambda text: print(f"[{job.key}] {text}", flush=True),
+                      None)
+    finally:
+        runner.EXTRA_CALLBACKS.remove(_clock_callback)
+    if rec is None:
+        return 3
+    write_results(job.output_dir / RECORD, rec)
+    return 0
+
+
+def run_parallel(pending: list[Job], processes: int, base_args: list[str], finish, echo
+                 ) -> list[str]:
+    """Run the QAT jobs ``pending`` (in their order: longest first) in at most ``processes``
+    worker processes at a time (``accuracy.py --job KEY``, with ``OMP_NUM_THREADS`` set to the
+    job's ``num_threads``); ``finish(job, record)`` receives each result. A worker's output
+    goes to ``<job dir>/worker.log``. Returns the keys not done (failed or stopped)."""
+    import subprocess
+
+    left: list[str] = []
+    queue = list(pending)
+    running: dict[str, tuple[subprocess.Popen, Job, Any]] = {}
+    deadline = CLOCK.deadline
+    try:
+        while queue or running:
+            while queue and len(running) < processes:
+                job = queue.pop(0)
+                job.output_dir.mkdir(parents=True, exist_ok=True)
+                (job.output_dir / RECORD).unlink(missing_ok=True)
+                cmd = [sys.executable, str(Path(__file__).resolve()), *base_args, "--job", job.key]
+                if job.fresh:
+                    cmd.append("--fresh")
+                if deadline is not None:
+                    cmd += ["--time-limit", f"{max(deadline - time.monotonic(), 1.0):.0f}"]
+                env = dict(os.environ)
+                if job.overrides.get("num_threads"):
+                    n = str(job.overrides["num_threads"])
+                    env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n)
+                log = open(job.output_dir / "worker.log", "a")  # noqa: SIM115 - closed below
+                echo(f"[{job.key}] started in a worker process: {job.command}")
+                running[job.key] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                     env=env, cwd=ROOT), job, log)
+            time.sleep(1.0)
+            for key, (proc, job, log) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del running[key]
+                log.close()
+                record = job.output_dir / RECORD
+                if code == 0 and record.is_file():
+                    finish(job, json.loads(record.read_text()))
+                else:
+                    left.append(key)
+                    why = "stopped by --time-limit (resumes from its last.ckpt)" if code == 3 \
+                        else f"failed (exit code {code})"
+                    echo(f"[{key}] {why}; see {job.output_dir / 'worker.log'}")
+    finally:
+        for proc, job, log in running.values():  # interrupted: stop our own workers
+            proc.terminate()
+            proc.wait()
+            log.close()
+            left.append(job.key)
+    return left + [j.key for j in queue]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="the results JSON (the table goes next to it "
                                                 "as .md, the runs under runs/)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="gpu",
+                   help="gpu: the CIFAR-10 ResNet-20 table (issue #5, accuracy_rows.yaml); cpu: "
+                        "the ResNet-9 table for a 2-core CPU in under an hour (issue #12, "
+                        "accuracy_cpu_rows.yaml, --device cpu)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--quick", action="store_true", help="the tiny CPU configuration (tests)")
+    p.add_argument("--processes", type=int, help="QAT jobs run at a time, each in its own "
+                   "process (default: the rows file's, 2 for the cpu preset)")
+    p.add_argument("--job", help=argparse.SUPPRESS)  # worker: run this job, write its record
+    p.add_argument("--fresh", action="store_true", help=argparse.SUPPRESS)  # worker: start over
     p.add_argument("--rows", help="comma-separated row names (default: the default rows)")
     p.add_argument("--redo", help="comma-separated row names to run again")
     p.add_argument("--qat-epochs", type=int, help="QAT epochs of every row (default: the rows "
@@ -727,7 +946,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="choose the QAT epochs (equal for all rows, within the file's "
                         "qat_epochs_min..qat_epochs_max) so that the whole table's jobs take "
                         "about this long, from 2-epoch calibration runs after the FP model")
-    p.add_argument("--rows-file", default=str(DEFAULT_ROWS), help="the rows YAML")
+    p.add_argument("--rows-file", help="the rows YAML (default: the preset's)")
     p.add_argument("--time-limit", type=float, metavar="SECONDS",
                    help="stop this call cleanly before this many seconds (at an epoch boundary; "
                         "exit code 3, run the same command again to continue)")
@@ -741,15 +960,20 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cpu" if args.preset == "cpu" or not torch.cuda.is_available() else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device")
     out = Path(args.out)
     md_path = out.with_suffix(".md")
+    args.rows_file = args.rows_file or str(PRESETS[args.preset])
     plan = load_plan(Path(args.rows_file), args.quick)
+    processes = max(1, args.processes or int(plan["processes"]))
     selected = [s.strip() for s in args.rows.split(",") if s.strip()] if args.rows else None
     jobs = make_jobs(plan, out.parent, device, args.qat_epochs, args.fp_epochs, selected)
-    data = read_results(out, plan["mode"]) if not args.list else {"rows": {}, "plan": {}}
+    if args.job:
+        return _worker(args, jobs, device, out, plan)
+    data = read_results(out, plan["mode"], plan["benchmark"]) if not args.list \
+        else {"rows": {}, "plan": {}}
 
     # QAT epochs: given, or those of the rows already made (equal epochs for all rows), or the
     # budget's choice of an earlier call, or (later) the budget's choice now, or the file's.
@@ -773,6 +997,7 @@ def main(argv: list[str] | None = None) -> int:
         return None if value is None else int(value)
 
     if args.list:
+        print(f"{plan['title']}: {len(jobs)} jobs, QAT jobs in {processes} process(es) at a time")
         for job in jobs:
             print(f"{job.key}  ({epochs_of(job) or 'budget'} epochs)\n    {job.command}")
         return 0
@@ -795,7 +1020,9 @@ def main(argv: list[str] | None = None) -> int:
     data["command"] = " ".join(["python", "benchmarks/accuracy.py",
                                 *map(shlex.quote, argv if argv is not None else sys.argv[1:])])
     data["environment"] = _environment(device, plan, jobs)
-    data.setdefault("plan", {}).update(
+    data["title"] = plan["title"]
+    data.setdefault("plan", {}).update(processes=processes)
+    data["plan"].update(
         rows_file=_rel(Path(args.rows_file), ROOT), fp_epochs=epochs_of(jobs[0]),
         qat_epochs=qat_epochs, budget_min=args.budget_min, jobs=[j.key for j in jobs])
     order = table_order(plan)
@@ -848,8 +1075,22 @@ def main(argv: list[str] | None = None) -> int:
              f", {len(pending)} jobs, {used_s() / 60:.1f} of {args.budget_min} min used")
         return chosen
 
+    def finish(job: Job, rec: dict) -> None:
+        data["rows"][job.key] = rec
+        data["total_wall_time_s"] = used_s()
+        save()
+        proj = _projection(data, jobs, {j.key: epochs_of(j) or 0 for j in jobs})
+        echo(f"[{job.key}] val {_pct(rec.get('val_acc'))}%, test {_pct(rec.get('test_acc'))}%"
+             + ("" if job.is_fp else f" ({rec['delta_test']:+.2f} vs FP)")
+             + f", {rec['time_per_epoch_s']:.2f} s/epoch, job {rec['row_wall_time_s']:.0f} s"
+             + ("" if proj is None or processes > 1
+                else f"; projected remaining {proj / 60:.1f} min"))
+
     fp = data["rows"].get("fp")
     left: list[str] = []
+    parallel: list[Job] = []
+    call = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "processes": processes}
+    data.setdefault("calls", []).append(call)
     qtrainer_trainer.EXTRA_CALLBACKS.append(_clock_callback)
     try:
         for job in jobs:
@@ -873,6 +1114,9 @@ def main(argv: list[str] | None = None) -> int:
                 data["plan"].update(qat_epochs=qat_epochs, qat_epochs_chosen=qat_epochs)
                 _set_qat_epochs(jobs, qat_epochs)
                 save()
+            if not job.is_fp and processes > 1:
+                parallel.append(job)
+                continue
             fp_rate, qat_rate = _rates(data)
             rate = fp_rate if job.is_fp else qat_rate
             remaining = CLOCK.remaining()
@@ -890,21 +1134,20 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if job.is_fp:
                 fp = rec
-            data["rows"][job.key] = rec
-            data["total_wall_time_s"] = used_s()
-            save()
-            proj = _projection(data, jobs, {j.key: epochs_of(j) or 0 for j in jobs})
-            echo(f"[{job.key}] val {_pct(rec.get('val_acc'))}%, test {_pct(rec.get('test_acc'))}%"
-                 + ("" if job.is_fp else f" ({rec['delta_test']:+.2f} vs FP)")
-                 + f", {rec['time_per_epoch_s']:.2f} s/epoch, job {rec['row_wall_time_s']:.0f} s"
-                 + ("" if proj is None else f"; projected remaining {proj / 60:.1f} min"))
+            finish(job, rec)
+        if parallel:
+            base = ["--out", str(out), "--rows-file", args.rows_file, "--device", device,
+                    "--qat-epochs", str(qat_epochs)] + (["--quick"] if args.quick else []) \
+                + (["--rows", args.rows] if args.rows else [])
+            left += run_parallel(parallel, processes, base, finish, echo)
     finally:
         qtrainer_trainer.EXTRA_CALLBACKS.remove(_clock_callback)
+        call["wall_s"] = time.monotonic() - start
     save()
     echo("")
     echo(markdown(data, order))
     echo(f"wrote {out} and {md_path} ({time.monotonic() - start:.0f} s this call, "
-         f"{used_s() / 60:.1f} min of jobs in all)")
+         f"{used_s() / 60:.1f} min of jobs in all, {cpu_minutes(data):.1f} process-CPU min)")
     if left:
         echo(f"NOT DONE: {len(left)} jobs left ({', '.join(left)}); run the same command again")
         return 3

@@ -115,31 +115,68 @@ def layer_table(model: nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
-def resource_loss(model: nn.Module, target: str, value: float, w_scale: float = 1.0,
-                  a_scale: float = 1.0, bops_scale: float = 3.0) -> torch.Tensor:
-    """NIPQ's resource constraint (docs/algorithms.md section 2); its gradient reaches only the
-    learned bit-widths (through ``round(b_c)`` with STE).
+LOSS_FORMS = ("relative", "official")
+RELATIVE_BETA = 0.02
+"""Width of the quadratic zone of the relative loss's SmoothL1, as a fraction of the target
+(0.06 bits at 3 bits): outside it the pull on the bits is constant, as in the official loss."""
 
-    ``avg_bits``: ``w_scale * SmoothL1(sum b_l numel(W_l), T sum numel(W)) / 2^23 +
-    a_scale * SmoothL1(sum b_l numel(A_l), T sum numel(A)) / 2^23`` (activation quantizers only).
-    ``gbops``: ``bops_scale * SmoothL1(sum macs_l b_w b_a / 1e9, G)`` with each layer's real
-    input bit-width.
+
+def _average_bits(layers, side: str, device) -> tuple[torch.Tensor, int]:
+    """``(sum_l b_l n_l, sum_l n_l)`` over the layers' ``side`` (``weight`` or ``input``)
+    quantizers: ``n_l`` the weight's or the per-example input's element count, ``b_l`` the
+    bit-width (NIPQ's learned ones as ``round(b_c)`` with a straight-through gradient)."""
+    numel = (lambda m: m.weight.numel()) if side == "weight" else (lambda m: m.act_numel)
+    pairs = [(getattr(m, f"{side}_quantizer"), numel(m)) for m in layers]
+    pairs = [(q, n) for q, n in pairs if q is not None]
+    total = sum((_bits_tensor(q, device) * n for q, n in pairs), torch.zeros(1, device=device))
+    return total, sum(n for _, n in pairs)
+
+
+def bops(layers, device) -> torch.Tensor:
+    """GBOPs of one example: ``sum_l macs_l * b_w,l * b_a,l / 1e9`` (learned bits with a
+    straight-through gradient; a full-precision side counts 32 bits)."""
+    return sum((_bits_tensor(m.weight_quantizer, device) * _bits_tensor(m.input_quantizer, device)
+                * m.macs for m in layers), torch.zeros(1, device=device)) / 1e9
+
+
+def resource_loss(model: nn.Module, target: str, value: float, w_scale: float = 1.0,
+                  a_scale: float = 1.0, bops_scale: float = 3.0,
+                  form: str = "relative") -> torch.Tensor:
+    """NIPQ's resource constraint (docs/algorithms.md sections 2 and 6), shape ``[1]``; its gradient
+    reaches only the learned bit-widths (through ``round(b_c)`` with STE).
+
+    ``form="relative"`` (default): in units of the target, so that one scale serves every
+    model: ``avg_bits``: ``w_scale * SmoothL1(W_avg / T, 1) + a_scale * SmoothL1(A_avg / T, 1)``
+    with ``W_avg = sum_l b_l numel(W_l) / sum_l numel(W_l)`` (``A_avg`` alike over the input
+    quantizers' per-example element counts); ``gbops``: ``bops_scale * SmoothL1(GBOPs / G, 1)``;
+    SmoothL1's quadratic zone is :data:`RELATIVE_BETA` wide.
+
+    ``form="official"``: the official code's element counts over ``2^23``:
+    ``w_scale * SmoothL1(sum b_l numel(W_l), T sum numel(W)) / 2^23 + a_scale * SmoothL1(sum
+    b_l numel(A_l), T sum numel(A)) / 2^23``; ``gbops``: ``bops_scale * SmoothL1(GBOPs, G)``
+    (each layer's real input bit-width). Its pull grows with the model's size.
     """
+    if form not in LOSS_FORMS:
+        raise ValueError(f"form={form!r} is not allowed; allowed: {', '.join(LOSS_FORMS)}")
     layers = [layer for _, layer in quantized_layers(model)]
     device = layers[0].weight.device
-    zero = torch.zeros(1, device=device)
     if target == "avg_bits":
-        w_bits = sum((_bits_tensor(m.weight_quantizer, device) * m.weight.numel() for m in layers
-                      if m.weight_quantizer is not None), zero)
-        w_total = sum(m.weight.numel() for m in layers if m.weight_quantizer is not None)
-        a_bits = sum((_bits_tensor(m.input_quantizer, device) * m.act_numel for m in layers
-                      if m.input_quantizer is not None), zero)
-        a_total = sum(m.act_numel for m in layers if m.input_quantizer is not None)
-        loss_w = F.smooth_l1_loss(w_bits, torch.full_like(w_bits, value * w_total))
-        loss_a = F.smooth_l1_loss(a_bits, torch.full_like(a_bits, value * a_total))
-        return (w_scale * loss_w + a_scale * loss_a) / 2**23
+        terms = []
+        for side, scale in (("weight", w_scale), ("input", a_scale)):
+            bits, total = _average_bits(layers, side, device)
+            if total == 0:
+                continue
+            if form == "official":
+                terms.append(scale * F.smooth_l1_loss(bits, torch.full_like(bits, value * total))
+                             / 2**23)
+            else:
+                relative = bits / (value * total)
+                terms.append(scale * F.smooth_l1_loss(relative, torch.ones_like(relative),
+                                                      beta=RELATIVE_BETA))
+        return sum(terms, torch.zeros(1, device=device))
     if target == "gbops":
-        bops = sum((_bits_tensor(m.weight_quantizer, device) * _bits_tensor(m.input_quantizer, device)
-                    * m.macs for m in layers), zero) / 1e9
-        return bops_scale * F.smooth_l1_loss(bops, torch.full_like(bops, value))
+        g = bops(layers, device)
+        if form == "official":
+            return bops_scale * F.smooth_l1_loss(g, torch.full_like(g, value))
+        return bops_scale * F.smooth_l1_loss(g / value, torch.ones_like(g), beta=RELATIVE_BETA)
     raise ValueError(f"target={target!r} is not allowed; allowed: avg_bits, gbops")

@@ -141,8 +141,9 @@ def quantize_model(model: nn.Module, *, method: str = "lsq", weight_bits: int = 
             quantizes weights only (inputs untouched). Embedding inputs are indices, never
             quantized.
         method_kwargs: constructor arguments of the method's quantizer (e.g. ``grad_scale``).
-        first_last_bits: bits of the first and last layer (weights and inputs), ``"same"`` to
-            treat them like the others, ``"fp"`` to leave them full precision.
+        first_last_bits: bits of the first and last layer (weights and inputs; fixed even
+            where ``method_kwargs`` learns the others' bits), ``"same"`` to treat them like
+            the others, ``"fp"`` to leave them full precision.
         include, exclude: patterns (default: everything, nothing): globs on module names, or
             ``type:<Class>`` matching a layer's class or a torch base class of it
             (``type:Embedding``, ``type:MultiheadAttention``, ``type:Linear``).
@@ -223,12 +224,15 @@ def quantize_model(model: nn.Module, *, method: str = "lsq", weight_bits: int = 
                 signed = spec.get("signed_input", signed)
                 skip = spec.get("skip", skip)
         attention = isinstance(modules[name], nn.MultiheadAttention)
+        kwargs = dict(method_kwargs)
+        if position and not isinstance(first_last_bits, str) and kwargs.get("learn_bits"):
+            kwargs["learn_bits"] = False  # first/last bits given: fixed, not learned
         if not skip:
             reports.append(LayerReport(
                 name, type(modules[name]).__name__, wb,
                 None if isinstance(modules[name], nn.Embedding) else ab, signed, method,
                 position, quantizable_weight(modules[name]).numel(),
-                trace.act_numel.get(name, 0), trace.macs.get(name, 0), dict(method_kwargs),
+                trace.act_numel.get(name, 0), trace.macs.get(name, 0), kwargs,
                 attention_matmul_bits if attention else None))
     if not reports:
         raise ValueError("nothing to quantize: include/exclude/overrides leave no layer "

@@ -268,3 +268,88 @@ def test_budget_chooses_equal_qat_epochs(tmp_path):
     assert [j.load().recipe.method.name for j in cal] == ["tempering", "nipq"]
     assert all(j.load().recipe.phases.epochs == 2 for j in cal)
     assert 8 <= plan["qat_epochs_min"] <= plan["qat_epochs"] <= plan["qat_epochs_max"]
+
+
+def test_cpu_preset_plan(tmp_path):
+    """The CPU preset (issue #12): FP + 11 QAT jobs of ResNet-9 (width 16) on 27,500 training
+    images, bf16 training with fp32 evaluation, single-thread jobs two at a time, equal QAT
+    epochs, two seeds for every 2-bit row that change the batch order and noise but not the
+    split, longest jobs (NIPQ) first."""
+    from qtrainer.recipes.io import parse_overrides
+
+    bench = _bench()
+    plan = bench.load_plan(bench.PRESETS["cpu"], quick=False)
+    assert plan["processes"] == 2 and plan["benchmark"] == "cifar10-resnet9-cpu-accuracy"
+    jobs = bench.make_jobs(plan, tmp_path, "cpu", None, None, None)
+    keys = [j.key for j in jobs]
+    two = [f"{r}-seed{s}" for r in ("lsq-damp-w2a2", "lsq-freeze-w2a2", "lsq-damp-w3a3",
+                                    "lsq-freeze-w3a3", "tempering-w3a3", "nipq-w3a3",
+                                    "nipq-official-init-w2a2") for s in (0, 1)]
+    expected = ["fp", "nipq-mp-3bit", "nipq-w2a2-seed0", "nipq-w2a2-seed1", "nipq-w4a4",
+                "tempering-w2a2-seed0", "tempering-w2a2-seed1", "tempering-w4a4",
+                "lsq-w2a2-seed0", "lsq-w2a2-seed1", "lsq-w3a3-seed0", "lsq-w3a3-seed1",
+                "lsq-w4a4", *two]
+    assert keys == expected
+    fp = jobs[0].load()
+    assert fp.model == {"name": "resnet9", "width": 16} and fp.pretrain.epochs == 15
+    assert fp.data["subset_per_class"] == 3000 and fp.data["val_size"] == 2500
+    assert (fp.num_threads, fp.trainer["precision"], fp.eval_precision) == \
+        (1, "bf16-mixed", "32-true")
+    recipes = {}
+    for job in jobs[1:]:
+        cfg = job.load()
+        recipes[job.key] = cfg.recipe
+        assert cfg.model["name"] == "resnet9" and cfg.model["checkpoint"].endswith("fp.ckpt")
+        assert cfg.data["seed"] == 0 and cfg.seed == job.seed  # one split; seed: order, noise
+        assert (cfg.num_threads, cfg.trainer["precision"], cfg.eval_precision) == \
+            (1, "bf16-mixed", "32-true")
+        assert cfg.recipe.phases.epochs == plan["qat_epochs"] == 4
+        assert cfg.recipe.phases.bn_reestimation_batches == 20
+        argv = shlex.split(job.command)
+        assert parse_overrides(argv[3:-2]) == job.overrides
+    assert {j.seed for j in jobs if j.row["name"].endswith("w2a2")} == {0, 1}
+    nipq = recipes["nipq-w2a2-seed0"]
+    assert (nipq.method.name, nipq.bits.weight, nipq.phases.hard_epochs) == ("nipq", 2, 1)
+    assert nipq.optimizer.lr == 0.04 and recipes["lsq-w2a2-seed1"].optimizer.lr == 0.02
+    assert nipq.method.alpha_init == "mse"
+    assert recipes["nipq-official-init-w2a2-seed1"].method.alpha_init == "official"
+    osc = {k: r.oscillation for k, r in recipes.items()}
+    assert all(o.track for o in osc.values())
+    assert osc["lsq-damp-w2a2-seed0"].dampening.enabled and not osc["lsq-w2a2-seed0"].dampening.enabled
+    assert osc["lsq-freeze-w3a3-seed1"].freezing.enabled and recipes["lsq-freeze-w3a3-seed1"].bits.weight == 3
+    mp = recipes["nipq-mp-3bit"].mixed_precision
+    assert (mp.target, mp.value, mp.loss, mp.freeze, mp.w_scale, mp.a_scale) == \
+        ("avg_bits", 3.0, "relative", "target", 1.0, 1.0)
+    # the layout the script runs: FP in this process, then workers with --job, one thread each
+    assert bench.main(["--out", str(tmp_path / "plan.json"), "--preset", "cpu", "--list"]) == 0
+
+
+@pytest.mark.skipif(not _have_cifar(), reason="CIFAR-10 JPEG data not found")
+def test_quick_run_in_two_worker_processes(tmp_path, capsys, monkeypatch):
+    """--processes 2: the FP model in this process, then each QAT job in its own worker process
+    (accuracy.py --job KEY), two at a time; their records are merged into --out by this process
+    alone, with each job's CPU time and BN gap, and the wall time of the call."""
+    _no_plots(monkeypatch)
+    bench = _bench()
+    out = tmp_path / "accuracy.json"
+    argv = ["--out", str(out), "--quick", "--device", "cpu", "--processes", "2",
+            "--rows", "lsq-w2a2"]
+    assert bench.main(argv) == 0
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert set(rows) == {"fp", "lsq-w2a2-seed0", "lsq-w2a2-seed1"}
+    for key in ("lsq-w2a2-seed0", "lsq-w2a2-seed1"):
+        r = rows[key]
+        assert r["cpu_time_s"] > 0 and r["epochs"] == 1
+        assert 0 <= r["train_mode_acc"] <= 100 and 0 <= r["eval_mode_acc"] <= 100
+        assert r["mode_gap"] == pytest.approx(r["train_mode_acc"] - r["eval_mode_acc"])
+        log = (tmp_path / "runs" / key / "worker.log").read_text()
+        assert f"[{key}]" in log  # the worker's own output
+    assert rows["lsq-w2a2-seed0"]["seed"] == 0 and rows["lsq-w2a2-seed1"]["seed"] == 1
+    assert data["plan"]["processes"] == 2 and data["calls"][-1]["wall_s"] > 0
+    text = capsys.readouterr().out
+    assert text.count("started in a worker process") == 2
+    assert "process CPU time of all jobs" in out.with_suffix(".md").read_text()
+    # a second call finds everything done
+    assert bench.main(argv) == 0
+    assert capsys.readouterr().out.count("skipped") == 3

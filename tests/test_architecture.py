@@ -18,7 +18,7 @@ LAYERS = [
     ("utilities", ["atomic", "versions", "class_path"]),
     ("quantizers", ["quantizers"]),
     ("nn", ["nn", "nn_attention", "recompute"]),
-    ("surgery", ["surgery", "layer_trace", "forward", "checkpoint_files", "resources", "bn", "schedules",
+    ("surgery", ["surgery", "bit_targets", "layer_trace", "forward", "checkpoint_files", "resources", "bn", "schedules",
                  "oscillation", "export"]),
     ("recipes", ["recipes", "quantized"]),
     ("callback", ["callback"]),

@@ -29,12 +29,12 @@ from qtrainer.recipes import (
     unregister_recipe,
 )
 from qtrainer.recipes import registry
-from qtrainer.recipes.schema import UNHASHED_AT
+from qtrainer.recipes.schema import MP_TARGET_ONLY, UNHASHED_AT
 from qtrainer.recipes.yaml_codec import parse_yaml
 
 BUILTINS = [
     "lsq-2bit", "lsq-3bit", "lsq-4bit", "lsq-8bit", "lsq-w4-g128", "lsq-w8a8",
-    "nipq-2bit", "nipq-3bit", "nipq-4bit", "nipq-mp-3bit", "nipq-mp-4bit",
+    "nipq-2bit", "nipq-3bit", "nipq-4bit", "nipq-mp-3bit", "nipq-mp-4bit", "nipq-mp-4bit-official",
     "tempering-2bit", "tempering-3bit", "tempering-4bit",
 ]
 LSQ_FACTORS = {2: 0.25, 3: 0.5, 4: 1.0, 8: 1.0}
@@ -250,7 +250,11 @@ def test_content_hash_is_sha256_of_canonical_json_without_name_and_description()
     d = r.to_dict()
     del d["name"], d["description"]
     for section, key, value in UNHASHED_AT:  # added later, hashed once changed
+        if section == "mixed_precision" and key in MP_TARGET_ONLY:
+            continue
         assert d[section].pop(key, value) == value
+    for key in MP_TARGET_ONLY:  # no effect without a target: not hashed
+        d["mixed_precision"].pop(key)
     expected = hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
     assert r.content_hash() == expected
     assert len(expected) == 16
@@ -263,11 +267,28 @@ def test_keys_added_later_leave_the_builtin_hashes_unchanged(name, digest):
     recipe = get_recipe(name)
     assert recipe.content_hash() == digest
     changes = {"init_percentile": 99.0, "granularity": "channel", "group_size": 64,
-               "grad_scale_count": "tensor"}  # set away from the behaviour before the key
+               "grad_scale_count": "tensor", "alpha_init": "mse"}  # away from the old behaviour
     for section, key, _ in UNHASHED_AT:
         if section == "method" and key in recipe.to_dict()["method"]:
             changed = load_recipe(recipe, {f"method.{key}": changes[key]})
             assert changed.content_hash() != digest, key
+    # the resource loss's form and freezing rule act only with a target
+    assert load_recipe(recipe, {"mixed_precision.loss": "official",
+                                "mixed_precision.freeze": "round"}).content_hash() == digest
+
+
+def test_mixed_precision_recipes_hash_their_loss_form_and_freezing_rule():
+    """With a target, the loss form and the freezing rule change training: hashed, and the
+    official form (the behaviour before the keys existed) hashes as before."""
+    mp = get_recipe("nipq-mp-4bit")
+    official = get_recipe("nipq-mp-4bit-official")
+    assert (mp.mixed_precision.loss, mp.mixed_precision.freeze) == ("relative", "target")
+    assert (official.mixed_precision.loss, official.mixed_precision.freeze) == ("official", "round")
+    assert official.content_hash() == load_recipe(mp, {
+        "mixed_precision.loss": "official", "mixed_precision.freeze": "round"}).content_hash()
+    hashes = {load_recipe(mp, {"mixed_precision.loss": loss, "mixed_precision.freeze": f})
+              .content_hash() for loss in ("relative", "official") for f in ("round", "target")}
+    assert len(hashes) == 4
 
 
 def test_content_hash_changes_with_training_values_only():
@@ -624,7 +645,7 @@ def test_surgery_kwargs_contents():
     assert (t["method"], t["weight_bits"], t["act_bits"]) == ("tempering", 2, 2)
     n = get_recipe("nipq-mp-3bit").surgery_kwargs()
     assert n["method_kwargs"] == {"noise": "histogram", "learn_bits": True, "b_min": 2, "b_max": 14,
-                                  "weight_init": "max_abs", "granularity": "tensor",
+                                  "weight_init": "max_abs", "alpha_init": "official", "granularity": "tensor",
                                   "group_size": 128}
     assert (n["first_last_bits"], n["weight_bits"]) == ("same", 8)
     assert get_recipe("lsq-8bit").surgery_kwargs()["first_last_bits"] == 8

@@ -26,7 +26,7 @@ def add_resource_loss(pl_module, mp: MixedPrecision, active: Callable[[], bool])
         if out is None or not active():
             return out
         loss = resource_loss(pl_module, mp.target, mp.value, mp.w_scale, mp.a_scale,
-                             mp.bops_scale).squeeze()
+                             mp.bops_scale, form=mp.loss).squeeze()
         pl_module.log("qat/resource_loss", loss.detach(), on_step=True, on_epoch=True)
         if isinstance(out, Mapping):
             return {**out, "loss": out["loss"] + loss}

@@ -33,11 +33,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from ..bit_targets import freeze_learned_bits
 from ..bn import reestimate_batchnorm
 from ..forward import ForwardError, call_args
 from ..nn import QuantizedLayer, named_quantizers
 from ..quantized import QAT_ENTRY, input_spec, plan_difference
-from ..quantizers import NIPQQuantizer, TemperingQuantizer, check_choice
+from ..quantizers import TemperingQuantizer, check_choice
 from ..recipes import Recipe, RecipeError, describe_length, load_recipe
 from ..recipes.sections import FIT_MODES
 from ..resources import summarize
@@ -337,9 +338,9 @@ class QuantizationCallback(Callback):
                 self._reestimate_bn(trainer, pl_module)
 
     def _enter_hard(self, pl_module) -> None:
+        mp = self.recipe.mixed_precision
+        freeze_learned_bits(pl_module, mp.target if mp.freeze == "target" else "none", mp.value)
         for _, q in named_quantizers(pl_module):
-            if isinstance(q, NIPQQuantizer) and q.learn_bits:
-                q.freeze_bits()
             q.set_hard(True)
 
     def _reestimate_bn(self, trainer, pl_module) -> None:

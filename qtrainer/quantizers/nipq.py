@@ -33,6 +33,11 @@ from .granularity import GRANULARITIES, step_count
 
 NOISES = ("histogram", "uniform")
 WEIGHT_INITS = ("max_abs", "official")
+ALPHA_INITS = ("official", "mse")
+MSE_SAMPLE = 1 << 16
+"""Elements searched per tensor by :func:`least_mse_alpha` (an even stride through larger ones)."""
+MSE_COARSE = 64
+"""Candidates ``max|v| * k / MSE_COARSE`` of the first pass; a second pass refines the best."""
 ROLES = ("weight", "input")
 
 
@@ -44,6 +49,32 @@ def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
 def nipq_levels(bits, signed: bool):
     """``n``: the largest code at ``bits`` (int or tensor)."""
     return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+
+
+@torch.no_grad()
+def least_mse_alpha(rows: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Per row of ``rows`` (shape ``[R, M]``), the truncation boundary ``alpha`` (shape ``[R]``,
+    > 0) of least mean squared error of the hard quantizer
+    ``Q(v) = alpha / n * round(n * clip(v / alpha, lo / alpha, 1))`` at ``bits``: among
+    ``max|v| * k / 64`` for ``k = 1..64``, then 17 candidates at 1/512 spacing around the best,
+    on at most :data:`MSE_SAMPLE` elements in all (an even column stride)."""
+    rows = rows.detach().float()
+    if rows.numel() > MSE_SAMPLE:
+        rows = rows[:, :: math.ceil(rows.numel() / MSE_SAMPLE)]
+    n, lo = nipq_levels(bits, signed), (-1.0 if signed else 0.0)
+    top = rows.abs().amax(1).clamp(min=1e-8)  # [R]
+
+    def best(fractions: torch.Tensor) -> torch.Tensor:  # fractions [R, K] -> the best [R]
+        alpha = (top[:, None] * fractions)[..., None]  # [R, K, 1]
+        ratio = torch.clamp(rows[:, None, :] / alpha, lo, 1.0)
+        err = (alpha / n * torch.round(n * ratio) - rows[:, None, :]).square().mean(2)
+        return fractions.gather(1, err.argmin(1, keepdim=True)).squeeze(1)
+
+    k = torch.arange(1, MSE_COARSE + 1, dtype=torch.float32, device=rows.device) / MSE_COARSE
+    coarse = best(k.expand(len(top), -1))
+    fine = torch.arange(-8, 9, dtype=torch.float32, device=rows.device) / (8 * MSE_COARSE)
+    fine = (coarse[:, None] + fine).clamp(min=1 / (4 * MSE_COARSE), max=1.0)
+    return top * best(fine)
 
 
 class NIPQQuantizer(Quantizer):
@@ -59,6 +90,8 @@ class NIPQQuantizer(Quantizer):
             ``3`` signed, the official constants).
         weight_init: ``max_abs`` (``alpha0 = max|W|`` exactly) or ``official``
             (``theta_a = max(W)``, so ``alpha0 = softplus(max W)``), per channel or group.
+        alpha_init: ``official`` (``weight_init`` for weights, the constants for inputs) or
+            ``mse`` (:func:`least_mse_alpha` of the tensor at ``bits``, per channel or group).
         granularity, group_size: one ``alpha`` per tensor, output channel or group of
             ``group_size`` input elements (weights; inputs always have one).
         channels, shape: the weight's output channels and shape (channel, group).
@@ -80,6 +113,11 @@ class NIPQQuantizer(Quantizer):
         Param("weight_init", "str", "max_abs", "Weight truncation boundary at start: max_abs "
               "alpha0 = max|W|, official alpha0 = softplus(max W) as the official code.",
               choices=WEIGHT_INITS),
+        Param("alpha_init", "str", "official", "Truncation boundaries at start: official "
+              "(weights by weight_init, inputs theta_a = 6 unsigned or 3 signed, as the official "
+              "code), mse the least-MSE alpha at the initial bits (weights from the weights, "
+              "inputs from the first batch; at 2 bits the official ones start near chance).",
+              choices=ALPHA_INITS),
         Param("granularity", "str", "tensor", "Truncation boundaries of a weight: tensor one, "
               "channel one per output channel, group one per group_size consecutive input "
               "elements of each output row (activations always have one).",
@@ -91,7 +129,8 @@ class NIPQQuantizer(Quantizer):
 
     def __init__(self, bits: int = 4, signed: bool = True, learn_bits: bool = False,
                  b_min: int = 2, b_max: int = 14, noise: str = "histogram", role: str = "input",
-                 weight_init: str = "max_abs", granularity: str = "tensor",
+                 weight_init: str = "max_abs", alpha_init: str = "official",
+                 granularity: str = "tensor",
                  group_size: int = 128, channels: int | None = None,
                  shape: tuple[int, ...] | None = None):
         super().__init__(signed)
@@ -108,6 +147,7 @@ class NIPQQuantizer(Quantizer):
         self.noise = self.param("noise").check(noise)
         self.role = check_choice("role", role, ROLES)
         self.weight_init = self.param("weight_init").check(weight_init)
+        self.alpha_init = self.param("alpha_init").check(alpha_init)
         learn_bits = self.param("learn_bits").check(learn_bits)
         self.b_min, self.b_max = b_min, b_max
         self.generator: torch.Generator | None = None
@@ -167,8 +207,11 @@ class NIPQQuantizer(Quantizer):
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
-        if self.role == "weight":
-            rows = x.detach().float().reshape(self.theta_a.numel(), -1)  # one row per alpha
+        rows = x.detach().float().reshape(self.theta_a.numel(), -1)  # one row per alpha
+        if self.alpha_init == "mse":
+            alpha = least_mse_alpha(rows, self.bits, self.signed)
+            self.theta_a.copy_(inverse_softplus(alpha).to(self.theta_a))
+        elif self.role == "weight":
             if self.weight_init == "max_abs":
                 self.theta_a.copy_(inverse_softplus(rows.abs().amax(1).clamp(min=1e-6)))
             else:

@@ -56,9 +56,6 @@ def _section_class(quantizer_cls: type) -> type:
         namespace={"name": quantizer_cls.method_name, "__doc__": doc,
                    "quantizer_args": tuple(p.name for p in params if p.target == "quantizer")})
 
-    def __post_init__(self):
-        check_granularity(self)
-
 
 def method_section(name: str) -> type:
     """The dataclass of method ``name``'s recipe section (``ValueError`` for an unknown name).

@@ -223,6 +223,9 @@ class Recipe:
         for section, key, value in UNHASHED_AT:  # keys added later: old hashes stay valid
             if key in d[section] and d[section][key] == value:
                 del d[section][key]
+        if d["mixed_precision"]["target"] == "none":  # no effect without a target
+            for key in MP_TARGET_ONLY:
+                d["mixed_precision"].pop(key, None)
         text = json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -258,7 +261,10 @@ class Recipe:
 UNHASHED_AT = (("bits", "attention_matmul", None), ("first_last", "first", None),
                ("first_last", "last", None), ("method", "init_percentile", 99.9),
                ("method", "granularity", "tensor"), ("method", "group_size", 128),
-               ("method", "grad_scale_count", "per_step"))
+               ("method", "grad_scale_count", "per_step"), ("method", "alpha_init", "official"),
+               ("mixed_precision", "loss", "official"), ("mixed_precision", "freeze", "round"))
+MP_TARGET_ONLY = ("loss", "freeze")
+"""``mixed_precision`` keys added later that act only with a target: not hashed without one."""
 """Keys added after recipes were first hashed, as ``(section, key, value)``: left out of
 :meth:`Recipe.content_hash` while they hold ``value`` (the behaviour from before they existed),
 so checkpoints written before they existed still match their recipe."""

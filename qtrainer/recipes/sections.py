@@ -35,9 +35,9 @@ class FirstLast:
     """Treatment of the first and the last quantizable layer.
 
     Attributes:
-        bits: an int: weights and inputs of both layers use that many bits (LSQ paper: 8);
-            ``"same"``: quantized like every other layer (NIPQ official); ``"fp"``: left in
-            full precision.
+        bits: an int: weights and inputs of both layers use that many bits (LSQ paper: 8),
+            fixed also when NIPQ learns the other layers' bits; ``"same"``: quantized like every
+            other layer, bits learned too (NIPQ official); ``"fp"``: left in full precision.
         first, last: the layer names that take the first/last position (null: the layers
             that run first and last on the example input; in a transformer, usually the token
             embedding or patch projection, and the head).
@@ -213,16 +213,27 @@ class MixedPrecision:
         target: ``none``; ``avg_bits``: average bits per weight and per activation element;
             ``gbops``: bit-operations of one forward pass at batch 1, in GBOPs.
         value: the target (bits for avg_bits, GBOPs for gbops); required with a target.
+        loss: the form of the resource loss (:func:`qtrainer.resources.resource_loss`).
+            ``relative``: the model's average bits (or GBOPs) divided by the target, so that
+            the same scales reach the target on any model size; ``official``: the official
+            code's bit-weighted element counts over 2^23 (sized for ImageNet models: weak on
+            small models, strong on large ones).
         w_scale: weight of the weight term of the avg_bits loss.
         a_scale: weight of the activation term of the avg_bits loss.
         bops_scale: weight of the gbops loss.
+        freeze: the bit-widths frozen for the hard phase. ``round``: ``round(b_c)`` of each
+            quantizer (official; the average lands where rounding leaves it, tenths of a bit
+            off when one layer holds a third of the weights); ``target``: the integers nearest
+            to the learned ``b_c`` that meet the target (:mod:`qtrainer.bit_targets`).
     """
 
     target: str = checked_field(OneOf(("none", "avg_bits", "gbops")), "none")
     value: float | None = checked_field(Nullable(Float(0.0, 1e9, lo_open=True)), None)
+    loss: str = checked_field(OneOf(("relative", "official")), "relative")
     w_scale: float = checked_field(Float(0.0, 1e6), 1.0)
     a_scale: float = checked_field(Float(0.0, 1e6), 1.0)
     bops_scale: float = checked_field(Float(0.0, 1e6), 3.0)
+    freeze: str = checked_field(OneOf(("round", "target")), "target")
 
 
 @dataclass(frozen=True, kw_only=True)
