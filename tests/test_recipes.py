@@ -911,3 +911,23 @@ def test_fuzz_dotted_overrides(data):
                                     "method.name", ".", "a..b"]) | st.text(max_size=8)
     overrides = data.draw(st.dictionaries(keys, values, max_size=3))
     _check(lambda: load_recipe(base, overrides))
+
+
+def test_a_bad_override_is_reported_as_the_override_not_as_the_file():
+    """The built-in file is fine: the message names the override, its value, and the file it
+    overrides, with the allowed values and a close match."""
+    with pytest.raises(RecipeError) as info:
+        load_recipe("lsq-4bit", {"bits.activation": "nne"})
+    e = info.value
+    assert e.key_path == "bits.activation"
+    assert e.source.startswith("override bits.activation='nne' of ") and \
+        e.source.endswith("lsq-4bit.yaml")
+    assert "did you mean 'none'?" in str(e)
+    with pytest.raises(RecipeError) as info:  # a whole section overridden
+        load_recipe("nipq-mp-4bit", {"mixed_precision": {"loss": "relativ"}})
+    assert info.value.source.startswith("override mixed_precision=")
+    assert "did you mean 'relative'?" in str(info.value)
+    with pytest.raises(RecipeError) as info:  # the override is fine, the rest is not touched
+        load_recipe({**get_recipe("lsq-4bit").to_dict(), "method": {"name": "lsq", "grad_scal": 1}},
+                    {"bits.weight": 3})
+    assert info.value.source is None and info.value.key_path == "method.grad_scal"

@@ -235,10 +235,21 @@ def _load(recipe: object, overrides: Mapping[str, Any] | None, lookup: _Lookup) 
             resolved = apply_overrides(resolved, overrides)
         return Recipe.from_dict(resolved)
     except RecipeError as e:
+        key = _override_at(e.key_path, overrides)
+        if key is not None:  # the override's value is wrong, not the file it overrides
+            source = f"override {key}={show(overrides[key])}" + (f" of {source}" if source else "")
         raise (e.with_source(source) if source else e) from None
     except RecursionError:
         raise RecipeError(ROOT, "the recipe is nested too deeply (recursive YAML anchors?)",
                           source=source) from None
+
+
+def _override_at(key_path: str, overrides: Mapping[str, Any] | None) -> str | None:
+    """The override key that set ``key_path`` (itself, a section above it or a key below it)."""
+    for key in overrides or ():
+        if key == key_path or key_path.startswith(f"{key}.") or key.startswith(f"{key_path}."):
+            return key
+    return None
 
 
 def get_recipe(name: str) -> Recipe:
