@@ -139,6 +139,7 @@ class LayerState:
     frozen_code: torch.Tensor | None = None  # int16 (freezing only)
     count: torch.Tensor | int = 0  # oscillations since the last stats(reset=True) (0-d, on
     # the weight's device: no device sync per step)
+    bits: int = 0  # the weight bit-width the codes were taken at (0: not known yet)
 
 
 STATE_KEYS = ("prev_code", "prev_dir", "freq", "ema_code", "frozen", "frozen_code")
@@ -180,11 +181,16 @@ class OscillationTracker:
         then write the frozen elements' latent weights (:meth:`apply_frozen`)."""
         m = self.momentum
         for name in self.layers if names is None else names:
-            codes, _ = weight_codes(self.layers[name], broadcast=False)
+            layer = self.layers[name]
+            codes, _ = weight_codes(layer, broadcast=False)
+            bits = int(layer.weight_quantizer.bits)
             st = self.state.get(name)
-            if st is None or st.prev_code.shape != codes.shape:
-                self._init(name, codes)
+            if st is None or st.prev_code.shape != codes.shape or st.bits not in (0, bits):
+                # first step, or codes at another bit-width (NIPQ's learned bits moved): a
+                # change of scale, not an oscillation; tracking starts again from these codes
+                self._init(name, codes).bits = bits
                 continue
+            st.bits = bits
             if st.frozen is not None:
                 codes = torch.where(st.frozen, st.frozen_code.to(codes.dtype), codes)
             st.count = st.count + flip_step(st.prev_code, st.prev_dir, st.freq, codes, m).sum()
@@ -242,7 +248,7 @@ class OscillationTracker:
     def state_dict(self) -> dict[str, dict]:
         """The per-element state as CPU tensors (checkpointable with ``weights_only=True``)."""
         return {name: {k: getattr(st, k).cpu() for k in STATE_KEYS if getattr(st, k) is not None}
-                | {"count": int(st.count)} for name, st in self.state.items()}
+                | {"count": int(st.count), "bits": st.bits} for name, st in self.state.items()}
 
     def load_state_dict(self, state: dict[str, dict]) -> None:
         """Restore :meth:`state_dict` (layers unknown to this model are ignored), then write the
@@ -251,8 +257,9 @@ class OscillationTracker:
             if name not in self.layers:
                 continue
             device = self.layers[name].weight.device
-            st = LayerState(**{k: v.to(device) for k, v in entry.items() if k != "count"},
-                            count=int(entry.get("count", 0)))
+            st = LayerState(**{k: v.to(device) for k, v in entry.items()
+                               if k not in ("count", "bits")},
+                            count=int(entry.get("count", 0)), bits=int(entry.get("bits", 0)))
             if self.freezing and st.frozen is None:
                 st.ema_code = st.prev_code.float()
                 st.frozen = torch.zeros_like(st.prev_code, dtype=torch.bool)

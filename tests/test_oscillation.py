@@ -91,6 +91,44 @@ def test_weight_driven_across_a_boundary_is_counted_a_monotonic_one_is_not():
     assert freq[0] <= 1 - 0.99 ** int(flips)
 
 
+def test_a_change_of_learned_bits_is_not_an_oscillation():
+    """NIPQ with learned bits: when round(b_c) moves, every code changes by the new scale; the
+    tracker starts that layer again instead of counting the rescaling as flips, and keeps
+    counting real reversals at the new bit-width (bits saved with the state)."""
+    from qtrainer import NIPQQuantizer
+
+    q = NIPQQuantizer(bits=4, signed=True, learn_bits=True, role="weight", channels=1,
+                      shape=(1, 64))
+    fp = nn.Linear(64, 1, bias=False)
+    with torch.no_grad():
+        fp.weight.copy_(torch.linspace(-0.9, 0.9, 64)[None])
+    layer = QuantLinear.from_float(fp, q, None)
+    q.initialize(layer.weight.detach())
+    tracker = OscillationTracker(nn.Sequential(layer), momentum=0.5, threshold=0.05)
+
+    def set_bits(b):
+        with torch.no_grad():
+            q.theta_b.fill_(math.log((b - q.b_min) / (q.b_max - b)))
+        assert q.bits == b
+
+    for b in (4, 5, 4, 5, 4):  # the bit-width moves back and forth, the weights do not
+        set_bits(b)
+        tracker.update()
+        assert tracker.state["0"].bits == b
+    assert int(tracker.state["0"].count) == 0 and float(tracker.state["0"].freq.max()) == 0
+    # at a fixed bit-width a weight pushed across a boundary and back is counted
+    step = float(q.step_size)
+    w0 = layer.weight.detach().clone()
+    for k in range(4):
+        with torch.no_grad():
+            layer.weight.copy_(w0 + (step if k % 2 == 0 else 0.0))
+        tracker.update()
+    assert int(tracker.state["0"].count) > 0
+    restored = OscillationTracker(nn.Sequential(layer))
+    restored.load_state_dict(tracker.state_dict())
+    assert restored.state["0"].bits == 4
+
+
 def test_tracking_memory_and_boundary_distance():
     layer = layer_with_step([0.0, 0.25, 0.5, 0.74, 5.0], bits=3)
     # inside the range (-4, 3): distances to the nearest k + 1/2 are 0.5, 0.25, 0, 0.24
