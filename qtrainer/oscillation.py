@@ -68,9 +68,14 @@ def weight_codes(layer: QuantizedLayer,
     per group) each element's step, shaped like the weight. ``broadcast=False``: the scale as
     the quantizer gives it (a caller that needs only the codes skips the expansion)."""
     codes, scale = layer.weight_quantizer.int_codes(layer.weight.detach())
-    if broadcast and scale.numel() > 1 and scale.dim() != codes.dim():  # one step per group
-        scale = dequantize(torch.ones_like(codes), scale)
-    return codes, scale
+    return codes, (_broadcast_scale(codes, scale) if broadcast else scale)
+
+
+def _broadcast_scale(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The scale of :func:`weight_codes` (``broadcast=False``) shaped to multiply ``codes``."""
+    if scale.numel() > 1 and scale.dim() != codes.dim():  # one step per group
+        return dequantize(torch.ones_like(codes), scale)
+    return scale
 
 
 def boundary_distance(layer: QuantizedLayer, exclude: torch.Tensor | None = None) -> float:
@@ -182,7 +187,7 @@ class OscillationTracker:
         m = self.momentum
         for name in self.layers if names is None else names:
             layer = self.layers[name]
-            codes, _ = weight_codes(layer, broadcast=False)
+            codes, scale = weight_codes(layer, broadcast=False)
             bits = int(layer.weight_quantizer.bits)
             st = self.state.get(name)
             if st is None or st.prev_code.shape != codes.shape or st.bits not in (0, bits):
@@ -201,7 +206,8 @@ class OscillationTracker:
                                                      st.frozen_code))
                     st.frozen |= new
                 st.ema_code.mul_(1 - m).add_(codes.float(), alpha=m)
-            self.apply_frozen([name])
+            if st.frozen is not None:  # the codes' own scale: no second quantization pass
+                self._write_frozen(layer, st, _broadcast_scale(codes, scale))
 
     @torch.no_grad()
     def apply_frozen(self, names=None) -> None:
@@ -209,14 +215,16 @@ class OscillationTracker:
         to the current code range), so the quantizer's forward and export emit that code."""
         for name in self.layers if names is None else names:
             st = self.state.get(name)
-            if st is None or st.frozen is None:
-                continue
-            layer = self.layers[name]
-            _, scale = weight_codes(layer)
-            lo, hi = layer.weight_quantizer.code_range
-            value = st.frozen_code.float().clamp(lo, hi) * scale
-            w = layer.weight
-            w.copy_(torch.where(st.frozen, value.to(w.dtype), w))
+            if st is not None and st.frozen is not None:
+                layer = self.layers[name]
+                self._write_frozen(layer, st, weight_codes(layer)[1])
+
+    @staticmethod
+    def _write_frozen(layer: QuantizedLayer, st: LayerState, scale: torch.Tensor) -> None:
+        lo, hi = layer.weight_quantizer.code_range
+        value = st.frozen_code.float().clamp(lo, hi) * scale
+        w = layer.weight
+        w.copy_(torch.where(st.frozen, value.to(w.dtype), w))
 
     @torch.no_grad()
     def mask_gradients(self, names=None) -> None:
