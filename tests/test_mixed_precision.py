@@ -33,12 +33,7 @@ from qtrainer.trainer import QTrainer
 QUIET = {"enable_progress_bar": False, "accelerator": "cpu", "logger": False}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class BitsAtEpochEnd(pl.Callback):
