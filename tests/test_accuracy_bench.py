@@ -283,12 +283,12 @@ def test_cpu_preset_plan(tmp_path):
     jobs = bench.make_jobs(plan, tmp_path, "cpu", None, None, None)
     keys = [j.key for j in jobs]
     two = [f"{r}-seed{s}" for r in ("nipq-official-init-w2a2", "lsq-damp-w2a2",
-                                    "lsq-freeze-w2a2") for s in (0, 1)]
+                                    "lsq-freeze-w2a2", "lsq-damp-w3a3", "lsq-freeze-w3a3",
+                                    "tempering-w3a3", "nipq-w3a3") for s in (0, 1)]
     expected = ["fp", "nipq-mp-3bit", "nipq-w2a2-seed0", "nipq-w2a2-seed1", "nipq-w4a4",
                 "tempering-w2a2-seed0", "tempering-w2a2-seed1", "tempering-w4a4",
                 "lsq-w2a2-seed0", "lsq-w2a2-seed1", "lsq-w3a3-seed0", "lsq-w3a3-seed1",
-                "lsq-w4a4", *two, "lsq-damp-w3a3", "lsq-freeze-w3a3", "tempering-w3a3",
-                "nipq-w3a3"]
+                "lsq-w4a4", *two]
     assert keys == expected
     fp = jobs[0].load()
     assert fp.model == {"name": "resnet9", "width": 16} and fp.pretrain.epochs == 15
@@ -316,7 +316,8 @@ def test_cpu_preset_plan(tmp_path):
     osc = {k: r.oscillation for k, r in recipes.items()}
     assert all(o.track for o in osc.values())
     assert osc["lsq-damp-w2a2-seed0"].dampening.enabled and not osc["lsq-w2a2-seed0"].dampening.enabled
-    assert osc["lsq-freeze-w3a3"].freezing.enabled and recipes["lsq-freeze-w3a3"].bits.weight == 3
+    assert osc["lsq-freeze-w3a3-seed1"].freezing.enabled
+    assert recipes["lsq-freeze-w3a3-seed1"].bits.weight == 3
     mp = recipes["nipq-mp-3bit"].mixed_precision
     assert (mp.target, mp.value, mp.loss, mp.freeze, mp.w_scale, mp.a_scale) == \
         ("avg_bits", 3.0, "relative", "target", 1.0, 1.0)
