@@ -931,3 +931,17 @@ def test_a_bad_override_is_reported_as_the_override_not_as_the_file():
         load_recipe({**get_recipe("lsq-4bit").to_dict(), "method": {"name": "lsq", "grad_scal": 1}},
                     {"bits.weight": 3})
     assert info.value.source is None and info.value.key_path == "method.grad_scal"
+
+
+def test_low_bit_nipq_builtins_start_from_least_mse_boundaries():
+    """nipq-2bit and nipq-3bit (version 2) start from least-MSE boundaries (the official ones
+    start a 2-bit model near chance, BENCHMARKS.md); nipq-4bit keeps the official init, and
+    alpha_init: official gives the official recipe back at any bit-width."""
+    for name in ("nipq-2bit", "nipq-3bit"):
+        r = get_recipe(name)
+        assert (r.version, r.method.alpha_init) == (2, "mse"), name
+        back = load_recipe(r, {"method.alpha_init": "official"})
+        four = load_recipe("nipq-4bit", {"bits.weight": r.bits.weight,
+                                         "bits.activation": r.bits.activation})
+        assert back.surgery_kwargs() == four.surgery_kwargs()
+    assert get_recipe("nipq-4bit").method.alpha_init == "official"
