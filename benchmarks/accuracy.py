@@ -145,7 +145,8 @@ def device_name(device: str, threads: int | None = None) -> str:
 
     if device == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"cpu ({threads or torch.get_num_threads()} threads)"
+    n = threads or torch.get_num_threads()
+    return f"cpu ({n} thread{'s' if n != 1 else ''})"
 
 
 def _rel(path: Path, start: Path) -> str:
@@ -395,6 +396,24 @@ def _last_val_acc(job_dir: Path) -> float | None:
     return values[-1] if values else None
 
 
+def oscillation_history(job_dir: Path) -> dict:
+    """Oscillation over a run, from its ``metrics.csv``: ``oscillating_mean`` (the oscillating
+    fraction averaged over the epochs; the final one is ~0 once the learning rate has decayed)
+    and ``oscillations`` (reversing code flips counted over all steps). Empty without
+    tracking."""
+    from qtrainer.report import epoch_series, read_csv
+
+    path = job_dir / "metrics.csv"
+    if not path.is_file():
+        return {}
+    rows = read_csv(path)
+    _, fractions = epoch_series(rows, "qat/osc_fraction")
+    _, counts = epoch_series(rows, "qat/osc_count")
+    if not fractions:
+        return {}
+    return {"oscillating_mean": sum(fractions) / len(fractions), "oscillations": sum(counts)}
+
+
 def _fp_record(job: Job, echo) -> dict:
     """Pretrain (or reuse) the FP model through :func:`qtrainer.run.pretrain`; its
     validation and test accuracy."""
@@ -511,6 +530,7 @@ def _qat_record(job: Job, echo) -> dict:
             "avg_weight_bits": s.get("avg_weight_bits"), "avg_act_bits": s.get("avg_act_bits"),
             "size_mb": s.get("size_mb"), "gbops": s.get("gbops"),
             "oscillating": osc.get("oscillating"), "frozen": osc.get("frozen"),
+            **oscillation_history(cfg.output_dir),
             "precision": cfg.trainer.get("precision")}
 
 

@@ -344,6 +344,8 @@ def test_quick_run_in_two_worker_processes(tmp_path, capsys, monkeypatch):
         assert r["cpu_time_s"] > 0 and r["epochs"] == 1
         assert 0 <= r["train_mode_acc"] <= 100 and 0 <= r["eval_mode_acc"] <= 100
         assert r["mode_gap"] == pytest.approx(r["train_mode_acc"] - r["eval_mode_acc"])
+        assert 0 <= r["oscillating"] <= 1 and r["oscillations"] >= 0
+        assert 0 <= r["oscillating_mean"] <= 1
         log = (tmp_path / "runs" / key / "worker.log").read_text()
         assert f"[{key}]" in log  # the worker's own output
     assert rows["lsq-w2a2-seed0"]["seed"] == 0 and rows["lsq-w2a2-seed1"]["seed"] == 1
