@@ -931,6 +931,8 @@ def test_a_bad_override_is_reported_as_the_override_not_as_the_file():
         load_recipe({**get_recipe("lsq-4bit").to_dict(), "method": {"name": "lsq", "grad_scal": 1}},
                     {"bits.weight": 3})
     assert info.value.source is None and info.value.key_path == "method.grad_scal"
+    with pytest.raises(RecipeError):  # a key that is not a dotted path: still a RecipeError
+        load_recipe("lsq-4bit", {1: 2})
 
 
 def test_low_bit_nipq_builtins_start_from_least_mse_boundaries():

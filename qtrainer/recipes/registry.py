@@ -247,6 +247,8 @@ def _load(recipe: object, overrides: Mapping[str, Any] | None, lookup: _Lookup) 
 def _override_at(key_path: str, overrides: Mapping[str, Any] | None) -> str | None:
     """The override key that set ``key_path`` (itself, a section above it or a key below it)."""
     for key in overrides or ():
+        if not isinstance(key, str):
+            continue
         if key == key_path or key_path.startswith(f"{key}.") or key.startswith(f"{key_path}."):
             return key
     return None
