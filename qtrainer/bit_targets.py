@@ -17,12 +17,11 @@ separately for an ``avg_bits`` target, together for ``gbops``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from .quantizers import NIPQQuantizer
+from .quantizers.nipq import bits_logit
 from .resources import FP_BITS, quantized_layers
 
 TOLERANCE = 0.01
@@ -111,8 +110,7 @@ def fit_bits_to_target(model: nn.Module, target: str, value: float) -> dict[str,
             for s in term:
                 if s.learned:
                     q = s.q
-                    p = min(max((s.bits - q.b_min) / (q.b_max - q.b_min), 1e-6), 1 - 1e-6)
-                    q.theta_b.fill_(math.log(p / (1 - p)))
+                    q.theta_b.fill_(bits_logit(s.bits, q.b_min, q.b_max))
                     chosen[names[id(q)]] = s.bits
     return chosen
 

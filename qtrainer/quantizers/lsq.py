@@ -22,6 +22,7 @@ from . import formulas
 from . import ops as _ops
 from .base import Param, Quantizer, check_bits
 from .granularity import GRAD_SCALE_COUNTS, GRANULARITIES, grad_scale_elements, step_count
+from .scale_search import least_mse_scale
 
 GRAD_SCALES = ("numel", "per_sample", "none")
 INITS = ("lsq", "minmax", "mse", "percentile")
@@ -160,34 +161,6 @@ class LSQQuantizer(Quantizer):
         x = x.detach().float()
         q_n, q_p = self.levels
 
-        def _least_mse_step(flat, s_max, s_lsq):
-            """Per row of ``flat``, the step of least quantization MSE among ``s_max * f`` for
-            a coarse grid of ``f`` in (0, 1], a finer grid around the best of those, and the
-            steps ``s_max`` (minmax) and ``s_lsq`` (the paper's). Searched on at most 2^16
-            elements per row (an even stride through the tensor: the error curve of a large
-            activation batch is estimated closely enough, at a fraction of the cost)."""
-            if flat.shape[1] > 1 << 16:
-                flat = flat[:, :: math.ceil(flat.shape[1] / (1 << 16))]
-
-            def mse(s):
-                s = s.clamp(min=1e-8)[:, None]
-                return (formulas.step_codes(flat, s, q_n, q_p) * s - flat).square().mean(1)
-
-            best_s, best = s_max.clone(), mse(s_max)
-            coarse = 64
-            grid = [s_lsq, *(s_max * (i / coarse) for i in range(1, coarse))]
-            for refine in (False, True):
-                if refine:
-                    center = best_s / s_max.clamp(min=1e-8)
-                    grid = [s_max * (center + j / (8 * coarse)).clamp(min=1 / (4 * coarse))
-                            for j in range(-8, 9)]
-                for s in grid:
-                    err = mse(s)
-                    better = err < best
-                    best_s = torch.where(better, s, best_s)
-                    best = torch.where(better, err, best)
-            return best_s
-
         flat = x.reshape(self.n_steps, -1)  # one row per step: tensor, channel, group
         # A tight, data-fitted step is unstable where one clipped element moves the step a lot:
         # its gradient on s is Q_P * g (g the gradient scale). Above 0.1 (small high-bit
@@ -205,7 +178,9 @@ class LSQQuantizer(Quantizer):
             hi = flat.amax(dim=1).clamp(min=0) / q_p
             s0 = torch.maximum(hi, (-flat.amin(dim=1)).clamp(min=0) / q_n) if self.signed else hi
             if self.init == "mse":
-                s0 = _least_mse_step(flat, s0, 2 * flat.abs().mean(dim=1) / math.sqrt(q_p))
+                s0 = least_mse_scale(  # also tries the paper's step
+                    flat, s0, lambda v, s: (formulas.step_codes(v, s, q_n, q_p) * s - v)
+                    .square().mean(1), extra=(2 * flat.abs().mean(dim=1) / math.sqrt(q_p),))
         self.step.copy_(s0.clamp(min=1e-8).to(self.step))
         self._mark_initialized()
 

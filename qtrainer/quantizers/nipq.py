@@ -30,14 +30,11 @@ from . import formulas
 from . import ops as _ops
 from .base import Param, Quantizer, check_bits, check_choice, round_ste
 from .granularity import GRANULARITIES, step_count
+from .scale_search import least_mse_scale
 
 NOISES = ("histogram", "uniform")
 WEIGHT_INITS = ("max_abs", "official")
 ALPHA_INITS = ("official", "mse")
-MSE_SAMPLE = 1 << 16
-"""Elements searched per tensor by :func:`least_mse_alpha` (an even stride through larger ones)."""
-MSE_COARSE = 64
-"""Candidates ``max|v| * k / MSE_COARSE`` of the first pass; a second pass refines the best."""
 ROLES = ("weight", "input")
 
 
@@ -51,30 +48,26 @@ def nipq_levels(bits, signed: bool):
     return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
 
 
-@torch.no_grad()
+def bits_logit(bits: float, b_min: int, b_max: int) -> float:
+    """``theta_b`` with ``b_c = bits``: ``logit((bits - b_min) / (b_max - b_min))``, the
+    fraction kept inside ``[1e-6, 1 - 1e-6]``."""
+    p = min(max((bits - b_min) / (b_max - b_min), 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
+
+
 def least_mse_alpha(rows: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     """Per row of ``rows`` (shape ``[R, M]``), the truncation boundary ``alpha`` (shape ``[R]``,
-    > 0) of least mean squared error of the hard quantizer
-    ``Q(v) = alpha / n * round(n * clip(v / alpha, lo / alpha, 1))`` at ``bits``: among
-    ``max|v| * k / 64`` for ``k = 1..64``, then 17 candidates at 1/512 spacing around the best,
-    on at most :data:`MSE_SAMPLE` elements in all (an even column stride)."""
+    > 0) of least mean squared error of the hard quantizer at ``bits``
+    (:func:`formulas.nipq_hard_codes` times ``alpha / n``), searched from ``max|v|`` down by
+    :func:`~qtrainer.quantizers.scale_search.least_mse_scale`."""
     rows = rows.detach().float()
-    if rows.numel() > MSE_SAMPLE:
-        rows = rows[:, :: math.ceil(rows.numel() / MSE_SAMPLE)]
-    n, lo = nipq_levels(bits, signed), (-1.0 if signed else 0.0)
-    top = rows.abs().amax(1).clamp(min=1e-8)  # [R]
+    n = nipq_levels(bits, signed)
 
-    def best(fractions: torch.Tensor) -> torch.Tensor:  # fractions [R, K] -> the best [R]
-        alpha = (top[:, None] * fractions)[..., None]  # [R, K, 1]
-        ratio = torch.clamp(rows[:, None, :] / alpha, lo, 1.0)
-        err = (alpha / n * torch.round(n * ratio) - rows[:, None, :]).square().mean(2)
-        return fractions.gather(1, err.argmin(1, keepdim=True)).squeeze(1)
+    def error(v: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        return (formulas.nipq_hard_codes(v, alpha[:, 0], n, signed) * (alpha / n) - v) \
+            .square().mean(1)
 
-    k = torch.arange(1, MSE_COARSE + 1, dtype=torch.float32, device=rows.device) / MSE_COARSE
-    coarse = best(k.expand(len(top), -1))
-    fine = torch.arange(-8, 9, dtype=torch.float32, device=rows.device) / (8 * MSE_COARSE)
-    fine = (coarse[:, None] + fine).clamp(min=1 / (4 * MSE_COARSE), max=1.0)
-    return top * best(fine)
+    return least_mse_scale(rows, rows.abs().amax(1).clamp(min=1e-8), error)
 
 
 class NIPQQuantizer(Quantizer):
@@ -151,8 +144,8 @@ class NIPQQuantizer(Quantizer):
         learn_bits = self.param("learn_bits").check(learn_bits)
         self.b_min, self.b_max = b_min, b_max
         self.generator: torch.Generator | None = None
-        p = min(max((bits - b_min) / (b_max - b_min), 1e-6), 1 - 1e-6)
-        self.theta_b = nn.Parameter(torch.tensor([math.log(p / (1 - p))]), requires_grad=learn_bits)
+        self.theta_b = nn.Parameter(torch.tensor([bits_logit(bits, b_min, b_max)]),
+                                    requires_grad=learn_bits)
         granularity = self.param("granularity").check(granularity)
         self.group_size = self.param("group_size").check(group_size)
         self.granularity = granularity if self.role == "weight" else "tensor"
