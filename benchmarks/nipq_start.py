@@ -24,28 +24,25 @@ if str(ROOT) not in sys.path:  # this checkout's qtrainer, whatever else is inst
     sys.path.insert(0, str(ROOT))
 
 
-def start_accuracy(cfg, alpha_init: str, bn_batches: int) -> float:
-    """Validation top-1 (%) of the run's FP model quantized with ``alpha_init``, before any
-    training step (hard quantization, BatchNorm re-estimated, fp32)."""
+def start_accuracy(cfg, fp_model, batches: list, val, alpha_init: str) -> float:
+    """Validation top-1 (%) of ``fp_model`` (left untouched) quantized by the run's recipe with
+    ``alpha_init``, before any training step: quantizers initialized from the first of
+    ``batches``, BatchNorm re-estimated over all of them with hard quantization, fp32."""
     import torch
 
     from qtrainer.bn import reestimate_batchnorm
     from qtrainer.recipes import load_recipe
-    from qtrainer.run.runner import bundle_loaders, prepare
     from qtrainer.surgery import initialize_quantizers, quantize_model, set_quantizers
 
     torch.manual_seed(cfg.seed)
-    bundle, model = prepare(cfg)
     recipe = load_recipe(cfg.recipe, {"method.alpha_init": alpha_init})
-    train, val, _ = bundle_loaders(bundle, cfg.seed)
-    batches = [b for _, b in zip(range(max(bn_batches, 1)), train)]
     x0 = batches[0][0].float()
-    model = copy.deepcopy(model).float()
+    model = copy.deepcopy(fp_model).float()
     quantize_model(model, **recipe.surgery_kwargs(), example_input=x0[:1])
     initialize_quantizers(model, x0)
     set_quantizers(model, hard=True)
     with torch.no_grad():
-        reestimate_batchnorm(model, batches, lambda b: model(b[0].float()), bn_batches)
+        reestimate_batchnorm(model, batches, lambda b: model(b[0].float()), len(batches))
         model.eval()
         right = total = 0
         for x, y in val:
@@ -72,8 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     out = {"run_file": args.run_file, "overrides": args.overrides,
            "bn_batches": args.bn_batches, "bits": f"W{cfg.recipe.bits.weight}"
            f"A{cfg.recipe.bits.activation}"}
+    from qtrainer.run.runner import bundle_loaders, prepare
+
+    bundle, fp_model = prepare(cfg)  # data and FP model once, for both inits
+    train, val, _ = bundle_loaders(bundle, cfg.seed)
+    batches = [b for _, b in zip(range(max(args.bn_batches, 1)), train)]
     for init in ("official", "mse"):
-        out[f"val_acc_{init}"] = start_accuracy(cfg, init, args.bn_batches)
+        out[f"val_acc_{init}"] = start_accuracy(cfg, fp_model, batches, val, init)
         print(f"alpha_init {init:8s}: validation top-1 at the start {out[f'val_acc_{init}']:.2f}%",
               flush=True)
     if args.json:
